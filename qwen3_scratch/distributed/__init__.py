@@ -1,0 +1,1 @@
+"""Parallel plans: FSDP2, TP, PP, EP, CP (nbs/2x)."""

@@ -1,0 +1,1 @@
+"""Fused Triton kernels with PyTorch references (kernels_nbs/)."""

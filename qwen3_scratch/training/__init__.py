@@ -1,0 +1,1 @@
+"""Training loops, optimizer, schedules, checkpoints (nbs/3x-5x)."""
