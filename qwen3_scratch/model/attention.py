@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['document_ids', 'build_attention_mask', 'repeat_kv', 'attention_ref', 'sdpa', 'KVCache', 'Attention']
 
-# %% ../../nbs/03_attention.ipynb #e32494e0
+# %% ../../nbs/03_attention.ipynb #ead1688f
 import math
 
 import torch
@@ -16,7 +16,7 @@ from .config import ModelConfig
 from .norm import RMSNorm
 from .rope import RotaryEmbedding, apply_rotary_pos_emb
 
-# %% ../../nbs/03_attention.ipynb #c1fdfb45
+# %% ../../nbs/03_attention.ipynb #4dea98d4
 def document_ids(cu_seqlens: torch.Tensor, batch_size: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     "Document index and in-document position `(B, T)` of every token, from `cu_seqlens` over the flattened batch."
     cu = cu_seqlens.to(torch.long)
@@ -53,7 +53,7 @@ def build_attention_mask(q_len: int, kv_len: int, attention_mask: torch.Tensor |
         mask = mask & (dq[:, None, :, None] == doc_ids[:, None, None, :])
     return mask | (k_pos == q_pos)[None, None], False                         # every token sees itself
 
-# %% ../../nbs/03_attention.ipynb #077d445e
+# %% ../../nbs/03_attention.ipynb #74415639
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     "(B, Hkv, T, D) -> (B, Hkv * n_rep, T, D), each KV head repeated for its query group."
     return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
@@ -77,7 +77,7 @@ def sdpa(q, k, v, mask=None, is_causal=False, scale=None, dropout_p: float = 0.0
         k, v = repeat_kv(k, q.shape[1] // k.shape[1]), repeat_kv(v, q.shape[1] // k.shape[1])  # masked paths need it
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, dropout_p=dropout_p)
 
-# %% ../../nbs/03_attention.ipynb #33794b94
+# %% ../../nbs/03_attention.ipynb #0d5298d2
 class KVCache:
     "Preallocated keys and values for every layer: `(L, B, Hkv, max_seq_len, D)`; `pos` tokens are filled."
     def __init__(self, num_layers: int, batch_size: int, max_seq_len: int, num_kv_heads: int, head_dim: int,
@@ -107,7 +107,7 @@ class KVCache:
     def advance(self, n: int): self.pos += n
     def reset(self): self.pos = 0
 
-# %% ../../nbs/03_attention.ipynb #a8516d19
+# %% ../../nbs/03_attention.ipynb #3761e2e8
 class Attention(nn.Module):
     "Qwen3 self-attention: q/k/v/o projections, QK-norm, RoPE, GQA, optional KV cache."
     def __init__(self, config: ModelConfig, layer_idx: int = 0):

@@ -6,7 +6,7 @@
 __all__ = ['ARCHITECTURES', 'KEY_MAPS', 'STATE_TRANSFORMS', 'config_from_hf', 'config_to_hf', 'KeyMap', 'model_type', 'load_hf',
            'save_hf']
 
-# %% ../../nbs/07_hf.ipynb #54411a91
+# %% ../../nbs/07_hf.ipynb #e2087abd
 import json
 import math
 import os
@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from .config import ModelConfig
 from .transformer import Qwen3Model
 
-# %% ../../nbs/07_hf.ipynb #62d526e6
+# %% ../../nbs/07_hf.ipynb #20e8d15c
 ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 _SHARED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
            "intermediate_size", "max_position_embeddings", "rms_norm_eps", "hidden_act", "attention_bias",
@@ -67,7 +67,7 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype | None = None) -> dict:
     if dtype is not None: hf["torch_dtype"] = str(dtype).removeprefix("torch.")
     return hf
 
-# %% ../../nbs/07_hf.ipynb #ac3f4759
+# %% ../../nbs/07_hf.ipynb #fd09d55f
 def _pattern(p: str) -> re.Pattern:
     out, pos = "", 0
     for m in re.finditer(r"\{(\w+)\}", p):
@@ -107,7 +107,7 @@ def model_type(config: ModelConfig) -> str:
     "The HF model_type our config corresponds to."
     return "qwen3_moe" if config.num_experts > 0 else "qwen3"
 
-# %% ../../nbs/07_hf.ipynb #c59b145b
+# %% ../../nbs/07_hf.ipynb #53ea5718
 def _weight_files(path: Path) -> list[Path]:
     if (path / "model.safetensors.index.json").is_file():
         index = json.loads((path / "model.safetensors.index.json").read_text())
@@ -185,7 +185,7 @@ def load_hf(path, dtype=None, device="cpu") -> Qwen3Model:
 def _read(file: Path, key: str) -> torch.Tensor:
     with safe_open(file, framework="pt") as sf: return sf.get_tensor(key)
 
-# %% ../../nbs/07_hf.ipynb #91b0c953
+# %% ../../nbs/07_hf.ipynb #5ff1a4e2
 def _parse_size(s) -> int:
     if isinstance(s, int): return s
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B)\s*", str(s).upper())

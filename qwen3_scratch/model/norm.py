@@ -5,11 +5,11 @@
 # %% auto #0
 __all__ = ['rms_norm', 'RMSNorm']
 
-# %% ../../nbs/01_norm.ipynb #65bb3616
+# %% ../../nbs/01_norm.ipynb #a144917c
 import torch
 from torch import nn
 
-# %% ../../nbs/01_norm.ipynb #2dc430f5
+# %% ../../nbs/01_norm.ipynb #8e221917
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     "RMSNorm over the last dim: float32 statistics, cast back, then scale (Qwen3's order)."
     dtype = x.dtype
