@@ -1,0 +1,1 @@
+"""Tokenizer, datasets, packing, samplers, collators (nbs/1x)."""
