@@ -9,3 +9,5 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 import torch
 
 torch.set_num_threads(1)
+if not torch.cuda.is_available():  # Triton kernels run in its CPU interpreter; must be set before triton is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
