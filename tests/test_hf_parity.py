@@ -75,9 +75,9 @@ def test_logits_loss_and_grads_match(checkpoint):
     name, device, dtype, path, hf = checkpoint
     ours = load_hf(path, dtype=dtype, device=device).eval()
     ids = ids_for(device=device)
-    out = ours(ids, labels=shifted(ids))
+    out = ours(ids, labels=shifted(ids))  # on a GPU (kernels="auto") the fused loss returns no logits
     ref = hf(ids, labels=ids)  # HF shifts inside the model
-    check_close(out.logits, ref.logits, dtype)
+    with torch.no_grad(): check_close(ours(ids).logits, ref.logits, dtype)
     assert abs(out.loss.item() - ref.loss.item()) <= (1e-5 if dtype == torch.float32 else 2e-2)
 
     out.loss.backward(); ref.loss.backward()

@@ -71,6 +71,7 @@ REL_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch
 def test_device() -> str:
     "cuda when a GPU is present, else cpu (then TRITON_INTERPRET=1 must be set before importing triton)."
     return "cuda" if torch.cuda.is_available() else "cpu"
+test_device.__test__ = False  # not a pytest test, though tests import it
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     "||out - ref|| / ||ref|| in float64 (NaN if out holds NaN)."

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.utils import use_triton
 from .config import ModelConfig
 from .norm import RMSNorm
 from .rope import RotaryEmbedding, apply_rotary_pos_emb
@@ -112,7 +113,7 @@ class Attention(nn.Module):
     "Qwen3 self-attention: q/k/v/o projections, QK-norm, RoPE, GQA, optional KV cache."
     def __init__(self, config: ModelConfig, layer_idx: int = 0):
         super().__init__()
-        self.layer_idx, self.head_dim = layer_idx, config.head_dim
+        self.layer_idx, self.head_dim, self.kernels = layer_idx, config.head_dim, config.kernels
         self.n_heads, self.n_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.scale, self.dropout = config.head_dim ** -0.5, config.attention_dropout
         d, bias = config.hidden_size, config.attention_bias
@@ -120,21 +121,33 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=bias)
-        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, config.kernels) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, config.kernels) if config.qk_norm else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None,
-                is_causal: bool = True, kv_cache: KVCache | None = None) -> torch.Tensor:
+                is_causal: bool = True, kv_cache: KVCache | None = None,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        "Attention over x `(B, T, d)`; `cu_seqlens` (packed documents) is taken by the Triton kernel only."
         B, T, _ = x.shape
+        fused = use_triton(self.kernels, x)
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)     # (B, T, Hq, D)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, D)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None: q, k = self.q_norm(q), self.k_norm(k)  # per head, before RoPE
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        if fused:
+            from qwen3_scratch.kernels.rope import apply_rope
+            q, k = apply_rope(q, k, cos, sin)
+        else: q, k = apply_rotary_pos_emb(q, k, cos, sin)
         if kv_cache is not None: k, v = kv_cache.update(self.layer_idx, k, v)  # (B, Hkv, pos+T, D)
         if mask is None and is_causal and k.shape[2] != T:
             raise ValueError("causal attention over a cache needs an explicit mask: use build_attention_mask")
-        out = sdpa(q, k, v, mask=mask, is_causal=is_causal, scale=self.scale,
-                   dropout_p=self.dropout if self.training else 0.0)            # (B, Hq, T, D)
+        dropout = self.dropout if self.training else 0.0
+        if fused and mask is None and k.shape[2] == T and dropout == 0.0:
+            from qwen3_scratch.kernels.flash_attn import flash_attention
+            out, _ = flash_attention(q, k, v, causal=is_causal, softmax_scale=self.scale, cu_seqlens=cu_seqlens)
+        elif cu_seqlens is not None:
+            raise ValueError("cu_seqlens is read by the Triton attention kernel only; without it pass the document "
+                             "mask from build_attention_mask(doc_ids=...) instead")
+        else: out = sdpa(q, k, v, mask=mask, is_causal=is_causal, scale=self.scale, dropout_p=dropout)  # (B, Hq, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.utils import use_triton
 from .config import ModelConfig
 
 # %% ../../nbs/04_ffn.ipynb #f8cd8839
@@ -22,9 +23,12 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig, intermediate_size: int | None = None):
         super().__init__()
         d, f = config.hidden_size, intermediate_size or config.intermediate_size
+        self.kernels = config.kernels
         self.gate_proj = nn.Linear(d, f, bias=False)
         self.up_proj = nn.Linear(d, f, bias=False)
         self.down_proj = nn.Linear(f, d, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., d)
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        act = swiglu
+        if use_triton(self.kernels, x): from qwen3_scratch.kernels.swiglu import swiglu as act
+        return self.down_proj(act(self.gate_proj(x), self.up_proj(x)))

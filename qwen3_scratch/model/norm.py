@@ -9,6 +9,8 @@ __all__ = ['rms_norm', 'RMSNorm']
 import torch
 from torch import nn
 
+from ..kernels.utils import use_triton
+
 # %% ../../nbs/01_norm.ipynb #8e221917
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     "RMSNorm over the last dim: float32 statistics, cast back, then scale (Qwen3's order)."
@@ -18,13 +20,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     return weight * h.to(dtype)
 
 class RMSNorm(nn.Module):
-    "RMSNorm with a learned gain, initialised to ones."
-    def __init__(self, dim: int, eps: float = 1e-6):
+    "RMSNorm with a learned gain, initialised to ones; the fused Triton kernel when `kernels` selects it."
+    def __init__(self, dim: int, eps: float = 1e-6, kernels: str = "torch"):
         super().__init__()
-        self.eps = eps
+        self.eps, self.kernels = eps, kernels
         self.weight = nn.Parameter(torch.empty(dim))
         self.reset_parameters()
 
     def reset_parameters(self): nn.init.ones_(self.weight)
-    def forward(self, x: torch.Tensor) -> torch.Tensor: return rms_norm(x, self.weight, self.eps)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_triton(self.kernels, x):
+            from qwen3_scratch.kernels.rmsnorm import rms_norm as fused_rms_norm
+            return fused_rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)
     def extra_repr(self) -> str: return f"{self.weight.shape[0]}, eps={self.eps}"

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..kernels.utils import use_triton
 from .attention import Attention, KVCache, build_attention_mask, document_ids
 from .config import ModelConfig
 from .ffn import MLP
@@ -35,20 +36,20 @@ class DecoderLayer(nn.Module):
     "Pre-norm Qwen3 layer: x + attn(norm(x)), then + ffn(norm(.))."
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.kernels)
         self.self_attn = Attention(config, layer_idx)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.kernels)
         self.mlp = build_ffn(config, layer_idx)
 
-    def forward(self, x, cos, sin, mask=None, is_causal=True, kv_cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, kv_cache)
+    def forward(self, x, cos, sin, mask=None, is_causal=True, kv_cache=None, cu_seqlens=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, kv_cache, cu_seqlens)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 # %% ../../nbs/06_transformer.ipynb #d7777b60
 @dataclass
 class ModelOutput:
     "What `Qwen3Model.forward` returns."
-    logits: torch.Tensor | None  # (B, T, V), or (B, logits_to_keep, V)
+    logits: torch.Tensor | None  # (B, T, V), (B, logits_to_keep, V), or None when the fused kernel computed the loss
     loss: torch.Tensor | None = None  # mean cross-entropy over labels != -100
     hidden_states: torch.Tensor | None = None  # final normalised hidden states (B, T, d)
 
@@ -59,7 +60,7 @@ class Qwen3Model(nn.Module):
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.kernels)
         # tied: the LM head reads embed_tokens.weight directly (no second parameter to keep in sync)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary_emb = RotaryEmbedding(config)
@@ -91,18 +92,28 @@ class Qwen3Model(nn.Module):
             doc_ids, doc_pos = document_ids(cu_seqlens, B, T)
             if position_ids is None: position_ids = doc_pos
         if position_ids is None: position_ids = torch.arange(offset, offset + T, device=x.device)[None].expand(B, T)
-        mask, is_causal = build_attention_mask(T, offset + T, attention_mask, doc_ids, device=x.device)
+        fused = use_triton(self.config.kernels, x)
+        if attention_mask is not None and bool(attention_mask.all()): attention_mask = None
+        if fused and kv_cache is None and attention_mask is None:  # the Triton kernel reads cu_seqlens, no dense mask
+            mask, is_causal, docs = None, True, cu_seqlens
+        else:
+            mask, is_causal = build_attention_mask(T, offset + T, attention_mask, doc_ids, device=x.device)
+            docs = None
         cos, sin = self.rotary_emb(position_ids, dtype=x.dtype)  # (B, T, head_dim)
         for layer in self.layers:
             if self.config.gradient_checkpointing and self.training and kv_cache is None:
-                x = checkpoint(layer, x, cos, sin, mask, is_causal, None, use_reentrant=False)
-            else: x = layer(x, cos, sin, mask, is_causal, kv_cache)
+                x = checkpoint(layer, x, cos, sin, mask, is_causal, None, docs, use_reentrant=False)
+            else: x = layer(x, cos, sin, mask, is_causal, kv_cache, docs)
         if kv_cache is not None: kv_cache.advance(T)
         h = self.norm(x)
-        h_out = h[:, -logits_to_keep:] if logits_to_keep else h
-        logits = self.lm_head(h_out) if self.lm_head is not None else F.linear(h_out, self.embed_tokens.weight)
-        loss = None
+        head = self.lm_head.weight if self.lm_head is not None else self.embed_tokens.weight  # (V, d)
         if labels is not None:
             if logits_to_keep: raise ValueError("labels need the logits of every position: leave logits_to_keep at 0")
-            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+            if fused:  # loss and gradients chunk by chunk: the (B*T, V) logits never exist
+                from qwen3_scratch.kernels.cross_entropy import fused_linear_cross_entropy
+                loss = fused_linear_cross_entropy(h.flatten(0, 1), head, labels.flatten(), ignore_index=-100)
+                return ModelOutput(logits=None, loss=loss, hidden_states=h)
+        h_out = h[:, -logits_to_keep:] if logits_to_keep else h
+        logits = F.linear(h_out, head)
+        loss = None if labels is None else F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
         return ModelOutput(logits=logits, loss=loss, hidden_states=h)
