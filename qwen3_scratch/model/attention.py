@@ -37,6 +37,7 @@ def build_attention_mask(q_len: int, kv_len: int, attention_mask: torch.Tensor |
                          doc_ids: torch.Tensor | None = None, device=None) -> tuple[torch.Tensor | None, bool]:
     "Boolean mask `(B|1, 1, q_len, kv_len)` (True = visible) and `is_causal`; `(None, True)` when plain causal suffices."
     offset = kv_len - q_len  # queries are the last q_len positions
+    if device is None: device = next((t.device for t in (doc_ids, attention_mask) if t is not None), None)
     if attention_mask is not None and bool(attention_mask.all()): attention_mask = None
     if attention_mask is None and doc_ids is None:
         if offset == 0: return None, True        # SDPA's fast causal path
