@@ -84,7 +84,7 @@ def main():
     import transformers
 
     dtype = torch.bfloat16
-    cfg = ModelConfig.from_preset(a.preset, max_position_embeddings=max(40960, a.seq))
+    cfg = ModelConfig.from_preset(a.preset, max_position_embeddings=max(40960, a.seq), kernels="torch")
     if a.layers: cfg = cfg.replace(num_hidden_layers=a.layers)
     hf, ours = build(cfg, dtype)
     B, T = a.batch, a.seq
@@ -105,15 +105,25 @@ def main():
     print(f"bf16 logits vs float32: ours {err_ours:.2e}, transformers {err_hf:.2e}; ours vs transformers {rel_pair:.2e}")
     assert err_ours <= 1.25 * err_hf + 1e-3, "ours is further from float32 than transformers"
 
+    def variant(kernels: str) -> Qwen3Model:  # the same weights under another kernels setting
+        with torch.device("meta"): m = Qwen3Model(cfg.replace(kernels=kernels))
+        m.load_state_dict(ours.state_dict(), assign=True)
+        m.rotary_emb.inv_freq = ours.rotary_emb.inv_freq
+        m.rotary_emb.attention_scaling = ours.rotary_emb.attention_scaling
+        return m.train(ours.training)
+
+    eager_torch, triton_k = variant("torch"), variant("triton")
+    impls = {"transformers (sdpa)": hf, "ours, PyTorch ops": eager_torch, "ours, Triton kernels": triton_k}
     compiled = None
     if not a.no_compile:
-        with torch.device("meta"): compiled = Qwen3Model(cfg)
-        compiled.load_state_dict(ours.state_dict(), assign=True)
-        compiled.rotary_emb.inv_freq = ours.rotary_emb.inv_freq
-        compiled.rotary_emb.attention_scaling = ours.rotary_emb.attention_scaling
+        compiled = variant("torch")
         for layer in compiled.layers: layer.compile()
-    impls = {"transformers (sdpa)": hf, "ours eager": ours}
-    if compiled is not None: impls["ours + torch.compile"] = compiled
+        impls["ours, PyTorch ops + torch.compile"] = compiled
+    with torch.no_grad():
+        lt = triton_k(ids[:, :256]).logits.float()
+    err_triton = rel(lt, lr)
+    print(f"Triton-kernel model vs float32: {err_triton:.2e}")
+    assert err_triton <= 1.25 * err_hf + 1e-3, "the Triton-kernel model is further from float32 than transformers"
 
     def train_step(m):
         def f():
@@ -167,7 +177,7 @@ def main():
              f"{cfg.num_attention_heads}/{cfg.num_key_value_heads} heads, {cfg.total_params_estimate() / 1e9:.2f}B params), bf16 weights; "
              f"train/prefill on B={B} x T={T}; decode {a.decode_steps} tokens after a {a.decode_prompt}-token prompt, batch 1",
              f"- same weights in both; bf16 logits against the float32 model (||Δ||/||ref||, 256 tokens): ours {err_ours:.1e}, "
-             f"transformers {err_hf:.1e}",
+             f"transformers {err_hf:.1e}, ours with Triton kernels {err_triton:.1e}",
              f"- median of {a.rounds} interleaved rounds x {a.reps} timed repetitions (decode: {max(2, a.reps // 3)}) after warm-up; "
              f"ratio = transformers time / ours (> 1: ours faster)", "",
              "| phase | implementation | median ms | tokens/s | vs transformers | peak GiB |" + (" MFU |" if peak else ""),

@@ -46,8 +46,10 @@ def test_bf16_gpu_sizes(shape):
     assert_close(y, y64, tol=1.6e-2); assert_close(dx, dx64, tol=1.6e-2); assert_close(dw, dw64, tol=3e-2)
     x = torch.randn(*shape, device="cuda", dtype=torch.bfloat16); w = torch.randn(shape[-1], device="cuda", dtype=torch.bfloat16)
     y, yr = rms_norm(x, w).float(), rms_norm_ref(x, w).float()
-    assert ((y - yr).abs() <= yr.abs() * 2 ** -7 + 1e-30).all()  # at most one bf16 rounding step from the reference
-    assert (y == yr).float().mean() > 0.9  # and mostly identical: the same rounding order
+    # the reference's rounding order: H200 2026-11-22, 99.999% of outputs bit-identical; the rest, where the float32
+    # sum rounded x̂ to the neighbouring bf16 value, within two bf16 steps (x̂'s step, then the product's)
+    assert (y == yr).float().mean() > 0.999
+    assert ((y - yr).abs() <= yr.abs() * 2 * 2 ** -7 + 1e-30).all()
 
 
 def test_strided_and_mixed_dtypes():
