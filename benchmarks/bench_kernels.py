@@ -240,7 +240,9 @@ def main():
              f"- command: `python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:])}`".rstrip(),
              f"- measured ceilings: device-to-device copy {bw:,.0f} GB/s (read + write); bf16 matmul 8192³ {tf:.0f} TFLOP/s",
              f"- bf16; median over {a.rounds} interleaved rounds of the median of {a.reps} timed calls; "
-             "ratio = slowest-reference-normalised: `vs best other` is the best non-ours time / ours (> 1: ours faster)", "",
+             "`vs best other` = the fastest other implementation's time / ours (> 1: ours faster)",
+             "- each timed call is synchronised: host launch and autograd overhead count, so small memory-bound kernels are "
+             "partly launch-bound here (this VM's CPU spends ~25-40 µs per launch)", "",
              "| benchmark | implementation | median ms | throughput | of ceiling | vs best other |", "|---|---|---:|---:|---:|---:|"]
     by_bench = {}
     for r in rows: by_bench.setdefault(r[0], []).append(r)
