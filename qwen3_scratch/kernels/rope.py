@@ -12,8 +12,7 @@ import triton.language as tl
 
 import functools
 
-from . import utils
-from .utils import interpreting, next_pow2, upcast_for_interpreter
+from .utils import interpreting, new_empty_like, next_pow2, upcast_for_interpreter
 
 # %% ../../kernels_nbs/01_rope.ipynb #6811f857
 @triton.jit
@@ -93,12 +92,6 @@ def _explain(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
     raise ValueError(f"apply_rope: unsupported inputs q {tuple(q.shape)}, k {tuple(k.shape)}, cos {tuple(cos.shape)}, "
                      f"sin {tuple(sin.shape)}")
 
-def _new_like(x: torch.Tensor, stride: tuple | None = None) -> torch.Tensor:
-    "`torch.empty_like(x)` (a transposed view in, a transposed layout out) or x's shape with `stride`; NaN when poisoned."
-    if stride is None or stride == x.stride(): out = torch.empty_like(x)
-    else: out = torch.empty_strided(x.shape, stride, dtype=x.dtype, device=x.device)
-    return out.fill_(float("nan")) if utils._POISON else out  # utils.new_empty's poisoning, for strided outputs
-
 def _unit_last(x: torch.Tensor) -> torch.Tensor:
     "x, or a contiguous copy if its last dim is strided (the kernel assumes unit stride there)."
     return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
@@ -123,7 +116,7 @@ def rope_launch(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin:
     if inplace: qo, ko = qk, kk
     else:
         qs, ks = out_strides or (None, None)
-        qo, ko = _new_like(qk, qs), (qk if k is None else _new_like(kk, ks))
+        qo, ko = new_empty_like(qk, qs), (qk if k is None else new_empty_like(kk, ks))
     if B * T > 0 and (HQ + HKV) * D > 0:
         scb = ck.stride(0) if ck.shape[0] > 1 else 0  # a (1, T, D) table broadcasts over the batch
         _rope_kernel[(T, B)](qk, kk, qo, ko, ck, sk, qk.stride(0), qk.stride(1), qk.stride(2),
