@@ -45,8 +45,8 @@ def test_large_is_qwen3_235b_a22b():
     assert abs(c.active_params_estimate() / 22e9 - 1) < 0.05
 
 
-@pytest.mark.parametrize("name", ["debug", "small", "medium"])
-def test_dense_presets_build_on_meta_with_estimated_count(name):
+@pytest.mark.parametrize("name", available_presets())
+def test_presets_build_on_meta_with_estimated_count(name):
     from qwen3_scratch.model.transformer import Qwen3Model
     cfg = ModelConfig.from_preset(name)
     with torch.device("meta"): m = Qwen3Model(cfg)

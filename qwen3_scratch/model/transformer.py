@@ -7,6 +7,7 @@ __all__ = ['build_ffn', 'DecoderLayer', 'ModelOutput', 'Qwen3Model']
 
 # %% ../../nbs/06_transformer.ipynb #fff3ac4f
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -40,10 +41,14 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.kernels)
         self.mlp = build_ffn(config, layer_idx)
+        self.is_moe = config.is_moe_layer(layer_idx)
 
-    def forward(self, x, cos, sin, mask=None, is_causal=True, kv_cache=None, cu_seqlens=None):
+    def forward(self, x, cos, sin, mask=None, is_causal=True, kv_cache=None, cu_seqlens=None, token_mask=None):
+        "Hidden states `(B, T, d)`; MoE layers return `(x, MoEStats)` (`token_mask` `(B, T)` marks tokens the stats count)."
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, kv_cache, cu_seqlens)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        if not self.is_moe: return x + self.mlp(self.post_attention_layernorm(x))
+        y, stats = self.mlp(self.post_attention_layernorm(x), token_mask)
+        return x + y, stats
 
 # %% ../../nbs/06_transformer.ipynb #d7777b60
 @dataclass
@@ -52,6 +57,11 @@ class ModelOutput:
     logits: torch.Tensor | None  # (B, T, V), (B, logits_to_keep, V), or None when the fused kernel computed the loss
     loss: torch.Tensor | None = None  # mean cross-entropy over labels != -100
     hidden_states: torch.Tensor | None = None  # final normalised hidden states (B, T, d)
+    # MoE models only (None for dense ones):
+    aux_loss: torch.Tensor | None = None  # load-balancing loss over all MoE layers; loss includes coef * aux_loss
+    expert_load: torch.Tensor | None = None  # (L_moe, E) token copies each expert computed, per MoE layer
+    drop_rate: torch.Tensor | None = None  # (L_moe,) share of copies dropped over capacity, per MoE layer
+    router_stats: list | None = None  # the MoEStats of each MoE layer (sums; for cross-rank reductions)
 
 class Qwen3Model(nn.Module):
     "The Qwen3 causal language model."
@@ -64,6 +74,8 @@ class Qwen3Model(nn.Module):
         # tied: the LM head reads embed_tokens.weight directly (no second parameter to keep in sync)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary_emb = RotaryEmbedding(config)
+        # MoE: sums the balancing-loss statistics over data-parallel ranks; set by the training code (None: one process)
+        self.moe_all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.init_weights()
 
     @torch.no_grad()
@@ -93,6 +105,7 @@ class Qwen3Model(nn.Module):
             if position_ids is None: position_ids = doc_pos
         if position_ids is None: position_ids = torch.arange(offset, offset + T, device=x.device)[None].expand(B, T)
         fused = use_triton(self.config.kernels, x)
+        token_mask = attention_mask[:, -T:] if attention_mask is not None and self.config.num_experts else None
         if attention_mask is not None and bool(attention_mask.all()): attention_mask = None
         if fused and kv_cache is None and attention_mask is None:  # the Triton kernel reads cu_seqlens, no dense mask
             mask, is_causal, docs = None, True, cu_seqlens
@@ -100,20 +113,34 @@ class Qwen3Model(nn.Module):
             mask, is_causal = build_attention_mask(T, offset + T, attention_mask, doc_ids, device=x.device)
             docs = None
         cos, sin = self.rotary_emb(position_ids, dtype=x.dtype)  # (B, T, head_dim)
+        stats = []  # MoEStats of each MoE layer
         for layer in self.layers:
             if self.config.gradient_checkpointing and self.training and kv_cache is None:
-                x = checkpoint(layer, x, cos, sin, mask, is_causal, None, docs, use_reentrant=False)
-            else: x = layer(x, cos, sin, mask, is_causal, kv_cache, docs)
+                x = checkpoint(layer, x, cos, sin, mask, is_causal, None, docs, token_mask, use_reentrant=False)
+            else: x = layer(x, cos, sin, mask, is_causal, kv_cache, docs, token_mask)
+            if isinstance(x, tuple): x, s = x; stats.append(s)
         if kv_cache is not None: kv_cache.advance(T)
         h = self.norm(x)
         head = self.lm_head.weight if self.lm_head is not None else self.embed_tokens.weight  # (V, d)
-        if labels is not None:
+        moe = self._moe_outputs(stats)
+        logits = None
+        if labels is not None and fused:  # loss and gradients chunk by chunk: the (B*T, V) logits never exist
             if logits_to_keep: raise ValueError("labels need the logits of every position: leave logits_to_keep at 0")
-            if fused:  # loss and gradients chunk by chunk: the (B*T, V) logits never exist
-                from qwen3_scratch.kernels.cross_entropy import fused_linear_cross_entropy
-                loss = fused_linear_cross_entropy(h.flatten(0, 1), head, labels.flatten(), ignore_index=-100)
-                return ModelOutput(logits=None, loss=loss, hidden_states=h)
-        h_out = h[:, -logits_to_keep:] if logits_to_keep else h
-        logits = F.linear(h_out, head)
-        loss = None if labels is None else F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
-        return ModelOutput(logits=logits, loss=loss, hidden_states=h)
+            from qwen3_scratch.kernels.cross_entropy import fused_linear_cross_entropy
+            loss = fused_linear_cross_entropy(h.flatten(0, 1), head, labels.flatten(), ignore_index=-100)
+        else:
+            if labels is not None and logits_to_keep:
+                raise ValueError("labels need the logits of every position: leave logits_to_keep at 0")
+            h_out = h[:, -logits_to_keep:] if logits_to_keep else h
+            logits = F.linear(h_out, head)
+            loss = None if labels is None else F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        if loss is not None and stats: loss = loss + self.config.router_aux_loss_coef * moe["aux_loss"]
+        return ModelOutput(logits=logits, loss=loss, hidden_states=h, **moe)
+
+    def _moe_outputs(self, stats) -> dict:
+        "aux_loss, expert_load, drop_rate and router_stats of the MoE layers (empty for a dense model)."
+        if not stats: return {}
+        from qwen3_scratch.model.moe import load_balancing_loss
+        return dict(aux_loss=load_balancing_loss(stats, self.config.num_experts, self.moe_all_reduce),
+                    expert_load=torch.stack([s.load for s in stats]).detach(),
+                    drop_rate=torch.stack([s.drop_rate for s in stats]).detach(), router_stats=stats)
