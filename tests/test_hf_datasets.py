@@ -112,3 +112,63 @@ def test_unknown_names_and_missing_files(tmp_path, tok):
     with pytest.raises(FileNotFoundError, match="matches no file"): load_grpo_dataset(data_files=tmp_path/"none.jsonl")
     with pytest.raises(FileNotFoundError, match="has a local file"): load_sft_dataset("math", tok, 8, data_dir=tmp_path)
     assert all(s.hub_id.count("/") == 1 for s in SOURCES.values())
+
+
+# ---- multimodal SFT (LLaVA-Instruct-150K schema) ----
+from qwen3_scratch.data.hf_datasets import load_multimodal_dataset, llava_messages
+
+def _llava_files(tmp_path):
+    Image = pytest.importorskip("PIL.Image")
+    for name, color in (("a.png", "red"), ("b.png", "blue")): Image.new("RGB", (8, 6), color).save(tmp_path/name)
+    human = lambda v: {"from": "human", "value": v}
+    gpt = lambda v: {"from": "gpt", "value": v}
+    rows = [{"id": "1", "image": "a.png", "conversations": [human("<image>\nWhat colour?"), gpt("Red."), human("Sure?"), gpt("Yes.")]},
+            {"id": "2", "image": ["a.png", "b.png"], "conversations": [human("<image> and <image>: same?"), gpt("No.")]},
+            {"id": "3", "image": "gone.png", "conversations": [human("<image>\nHi"), gpt("x")]},              # missing file
+            {"id": "4", "image": "b.png", "conversations": [human("no tag"), gpt("x")]},                      # 0 tags, 1 image
+            {"id": "5", "image": "a.png", "conversations": [human("<image><image> two?"), gpt("x")]},         # 2 tags, 1 image
+            {"id": "6", "image": "b.png", "conversations": []},                                                # empty
+            {"id": "7", "image": "b.png"},                                                                     # no conversations
+            {"id": "8", "conversations": [human("text only"), gpt("Fine.")]}]                                 # no image: text-only
+    f = tmp_path/"llava.jsonl"; f.write_text("\n".join(map(json.dumps, rows)))
+    return f, rows
+
+def test_multimodal_llava_schema_labels_and_bad_rows(tmp_path, tok):
+    f, rows = _llava_files(tmp_path)
+    c = BadRowCounter("llava")
+    exs = list(load_multimodal_dataset(tok, 512, data_files=f, image_root=tmp_path, counter=c))
+    assert len(exs) == 3 and c.good == 3 and c.n_bad == 5
+    assert c.bad["missing image file"] == 1 and c.bad["<image> count differs from the number of images"] == 2
+    assert c.bad["no conversations"] == 2
+    pad, vs, ve = (tok.token_to_id(t) for t in ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>"))
+    for ex, row in zip(exs, [rows[0], rows[1], rows[7]]):
+        assert set(ex) == {"input_ids", "labels", "images"} and len(ex["input_ids"]) == len(ex["labels"])
+        n_img = len(row["image"]) if isinstance(row.get("image"), list) else int("image" in row)
+        assert ex["input_ids"].count(pad) == ex["input_ids"].count(vs) == ex["input_ids"].count(ve) == len(ex["images"]) == n_img
+        assert all(l == IGNORE_INDEX for i, l in zip(ex["input_ids"], ex["labels"]) if i == pad)   # image tokens are never targets
+        labelled = tok.decode([i for i, l in zip(ex["input_ids"], ex["labels"]) if l != IGNORE_INDEX])
+        replies = [t["value"] for t in row["conversations"] if t["from"] == "gpt"]
+        assert labelled == "<|im_end|>".join(replies[:-1] + ["<think>\n\n</think>\n\n" + replies[-1]]) + "<|im_end|>"
+    assert exs[0]["images"] == [str(tmp_path/"a.png")] and exs[1]["images"] == [str(tmp_path/"a.png"), str(tmp_path/"b.png")]
+    assert exs[2]["images"] == []
+    assert "<image>" not in tok.decode(exs[0]["input_ids"])
+    assert len(list(load_multimodal_dataset(tok, 512, data_files=f, image_root=tmp_path, max_samples=2))) == 2
+    # a placeholder cut by max_seq_len is a bad row, not a sample whose image count is wrong
+    c = BadRowCounter("short")
+    short = list(load_multimodal_dataset(tok, 4, data_files=f, image_root=tmp_path, counter=c))
+    assert all(e["input_ids"].count(pad) == len(e["images"]) for e in short)
+
+def test_multimodal_embedded_bytes_become_pil(tmp_path):
+    Image = pytest.importorskip("PIL.Image")
+    import io
+    buf = io.BytesIO(); Image.new("RGB", (4, 4), "green").save(buf, format="PNG")
+    row = {"image": {"bytes": buf.getvalue(), "path": None},
+           "conversations": [{"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "Green."}]}
+    msgs, images, err = llava_messages(row)
+    assert err is None and len(images) == 1 and images[0].size == (4, 4)
+    assert msgs[0] == {"role": "user", "content": "<|vision_start|><|image_pad|><|vision_end|>\nColour?"}
+    assert llava_messages({"image": {"bytes": b"not a png"}, "conversations": row["conversations"]})[2] == "undecodable image bytes"
+
+def test_multimodal_offline_hub_without_data_files(offline, tok):
+    with pytest.raises(ConnectionError, match="data_files") as e: load_multimodal_dataset(tok, 128)
+    assert DATA_DIR_ENV in str(e.value) and "offline" in str(e.value) and "LLaVA-Instruct-150K" in str(e.value)
