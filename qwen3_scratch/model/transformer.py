@@ -18,20 +18,14 @@ from ..kernels.utils import use_triton
 from .attention import Attention, KVCache, build_attention_mask, document_ids
 from .config import ModelConfig
 from .ffn import MLP
+from .moe import SparseMoeBlock
 from .norm import RMSNorm
 from .rope import RotaryEmbedding
 
 # %% ../../nbs/06_transformer.ipynb #82612ece
 def build_ffn(config: ModelConfig, layer_idx: int) -> nn.Module:
     "The feed-forward block of layer `layer_idx`: dense SwiGLU, or MoE where the config asks for it."
-    if config.is_moe_layer(layer_idx):
-        try: from qwen3_scratch.model.moe import SparseMoeBlock
-        except ImportError as e:
-            raise NotImplementedError(f"layer {layer_idx} is a Mixture-of-Experts layer (num_experts={config.num_experts}) "
-                                      "but qwen3_scratch.model.moe is not available in this version; use a dense "
-                                      "config (num_experts: 0)") from e
-        return SparseMoeBlock(config)
-    return MLP(config)
+    return SparseMoeBlock(config) if config.is_moe_layer(layer_idx) else MLP(config)
 
 class DecoderLayer(nn.Module):
     "Pre-norm Qwen3 layer: x + attn(norm(x)), then + ffn(norm(.))."
