@@ -4,11 +4,16 @@
     python benchmarks/bench_kernels.py                      # all kernels, writes benchmarks/kernels.md
     python benchmarks/bench_kernels.py --only attention rmsnorm --out /tmp/k.md
 
-Each row is the median of --reps timings (CUDA events around one call, after warm-up) in each of --rounds rounds
-that interleave the implementations; bf16 inputs. The run first measures its ceilings: device-to-device copy
-bandwidth (bytes read + written) and an 8192^3 bf16 matmul. Memory-bound kernels report GB/s of the fewest bytes
-they must move (each input read once, each output written once) and % of the copy bandwidth; attention reports
-TFLOP/s (causal: half the full-matrix FLOPs; backward 2.5x forward). Liger-Kernel rows appear when it is importable.
+Each implementation is timed two ways, medians of --reps timings in each of --rounds rounds that interleave the
+implementations; bf16 inputs:
+  graph     --inner calls captured in one CUDA graph and replayed between CUDA events (time / inner): the GPU time
+            of the kernels with no host launch or autograd overhead. This is the column throughput is computed from.
+  per call  one call between CUDA events, synchronised: what an eager caller pays, host overhead included.
+An implementation that cannot be captured (a host sync inside) is timed per call only, and the table says so.
+The run first measures its ceilings: device-to-device copy bandwidth (bytes read + written) and an 8192^3 bf16
+matmul. Memory-bound kernels report GB/s of the fewest bytes they must move (each input read once, each output
+written once) and % of the copy bandwidth; attention reports TFLOP/s (causal: half the full-matrix FLOPs; backward
+2.5x forward). Liger-Kernel rows appear when it is importable.
 """
 import argparse
 import datetime
@@ -45,14 +50,55 @@ def median_ms(fn, reps: int, warmup: int = 3) -> float:
     return statistics.median(ts)
 
 
-def run_rounds(impls: dict, reps: int, rounds: int) -> dict:
-    "Median ms per implementation over interleaved rounds."
-    times = {k: [] for k in impls}
+def graph_ms(fn, reps: int, inner: int) -> float:
+    "Median ms of one call of fn, from CUDA-graph replays of `inner` captured calls (no host overhead)."
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up (autotuning, compilation, allocator) outside the capture
+        for _ in range(3): fn()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(inner): fn()
+    graph.replay(); torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record(); graph.replay(); b.record(); torch.cuda.synchronize()
+        ts.append(a.elapsed_time(b) / inner)
+    del graph
+    return statistics.median(ts)
+
+
+def run_rounds(impls: dict, reps: int, rounds: int, inner: int = 10) -> dict:
+    "{impl: (graph ms or None, per-call ms)}: medians over interleaved rounds."
+    times = {k: ([], []) for k in impls}
+    no_graph = set()
     for _ in range(rounds):
         for k, fn in impls.items():
             gc.collect(); torch.cuda.synchronize()
-            times[k].append(median_ms(fn, reps))
-    return {k: statistics.median(v) for k, v in times.items()}
+            times[k][1].append(median_ms(fn, reps))
+            if k in no_graph or inner < 1: continue
+            try: times[k][0].append(graph_ms(fn, reps, inner))
+            except Exception as e:  # noqa: BLE001 (a host sync inside fn makes capture fail: per-call timing only)
+                print(f"{k}: not capturable in a CUDA graph ({str(e).splitlines()[0][:100]}); per-call timing only")
+                no_graph.add(k); torch.cuda.synchronize()
+    return {k: (statistics.median(g) if g and k not in no_graph else None, statistics.median(c))
+            for k, (g, c) in times.items()}
+
+
+def rows_for(bench: str, t: dict, rate=None) -> list[tuple]:
+    "Table rows (bench, impl, ms, per-call ms, graph-timed?, throughput, of ceiling); ms = graph time when captured."
+    out = []
+    for k, (g_ms, call_ms) in t.items():
+        ms = g_ms if g_ms is not None else call_ms
+        out.append((bench, k, ms, call_ms, g_ms is not None, *(rate(ms) if rate else ("", ""))))
+    return out
+
+
+def bw_rate(nbytes: int, bw: float):
+    return lambda ms: (f"{nbytes / ms / 1e6:,.0f} GB/s", f"{nbytes / ms / 1e6 / bw:.0%}")
 
 
 def ceilings():
@@ -94,8 +140,7 @@ def bench_rmsnorm(a, g, bw):
              "ours (Triton)": fwd_bwd(lambda x, w: rms_norm(x, w, 1e-6), (x, w), (dy,))}
     if HAVE_LIGER: impls["Liger-Kernel"] = fwd_bwd(lambda x, w: LigerRMSNormFunction.apply(x, w, 1e-6), (x, w), (dy.clone(),))
     nbytes = (2 + 3) * M * N * 2  # fwd: x, y; bwd: dy, x, dx
-    return [("rms_norm fwd+bwd 16384x2048", k, ms, f"{nbytes / ms / 1e6:,.0f} GB/s", f"{nbytes / ms / 1e6 / bw:.0%}")
-            for k, ms in run_rounds(impls, a.reps, a.rounds).items()]
+    return rows_for(f"rms_norm fwd+bwd {M}x{N}", run_rounds(impls, a.reps, a.rounds, a.inner), bw_rate(nbytes, bw))
 
 
 def bench_swiglu(a, g, bw):
@@ -107,8 +152,7 @@ def bench_swiglu(a, g, bw):
              "ours (Triton)": fwd_bwd(swiglu, (gate, up), (dy,))}
     if HAVE_LIGER: impls["Liger-Kernel"] = fwd_bwd(LigerSiLUMulFunction.apply, (gate, up), (dy,))
     nbytes = (3 + 5) * M * N * 2  # fwd: gate, up, out; bwd: dy, gate, up, dgate, dup
-    return [("swiglu fwd+bwd 16384x6144", k, ms, f"{nbytes / ms / 1e6:,.0f} GB/s", f"{nbytes / ms / 1e6 / bw:.0%}")
-            for k, ms in run_rounds(impls, a.reps, a.rounds).items()]
+    return rows_for(f"swiglu fwd+bwd {M}x{N}", run_rounds(impls, a.reps, a.rounds, a.inner), bw_rate(nbytes, bw))
 
 
 def bench_rope(a, g, bw):
@@ -128,8 +172,8 @@ def bench_rope(a, g, bw):
     if HAVE_LIGER: impls["Liger-Kernel"] = fwd_bwd(lambda q, k: LigerRopeFunction.apply(q, k, cos, sin), (q, k), (dq, dk))
     qk = B * T * (Hq + Hkv) * D * 2
     nbytes = 2 * (2 * qk) + 2 * 2 * B * T * D * 2  # fwd+bwd: read q,k write out; cos/sin read in each
-    return [(f"apply_rope fwd+bwd B{B} T{T} H{Hq}/{Hkv} D{D}", k, ms, f"{nbytes / ms / 1e6:,.0f} GB/s",
-             f"{nbytes / ms / 1e6 / bw:.0%}") for k, ms in run_rounds(impls, a.reps, a.rounds).items()]
+    return rows_for(f"apply_rope fwd+bwd B{B} T{T} H{Hq}/{Hkv} D{D}", run_rounds(impls, a.reps, a.rounds, a.inner),
+                    bw_rate(nbytes, bw))
 
 
 def bench_attention(a, g, tflops_mm):
@@ -153,12 +197,11 @@ def bench_attention(a, g, tflops_mm):
             try: f(q, k, v)
             except Exception as e:  # noqa: BLE001 (a backend may not support a shape)
                 print(f"{label} unavailable for {name}: {str(e).splitlines()[0][:120]}"); fwd.pop(label)
-        with torch.no_grad(): t_f = run_rounds({k_: (lambda f=f: f(q, k, v)) for k_, f in fwd.items()}, a.reps, a.rounds)
-        t_fb = run_rounds({k_: fwd_bwd(f, (q, k, v), (do,)) for k_, f in fwd.items()}, a.reps, a.rounds)
-        for k_ in fwd:
-            rows.append((name + " fwd", k_, t_f[k_], f"{fl / t_f[k_] / 1e9:.0f} TFLOP/s", f"{fl / t_f[k_] / 1e9 / tflops_mm:.0%}"))
-            rows.append((name + " fwd+bwd", k_, t_fb[k_], f"{3.5 * fl / t_fb[k_] / 1e9:.0f} TFLOP/s",
-                         f"{3.5 * fl / t_fb[k_] / 1e9 / tflops_mm:.0%}"))
+        with torch.no_grad():
+            t_f = run_rounds({k_: (lambda f=f: f(q, k, v)) for k_, f in fwd.items()}, a.reps, a.rounds, a.inner)
+        t_fb = run_rounds({k_: fwd_bwd(f, (q, k, v), (do,)) for k_, f in fwd.items()}, a.reps, a.rounds, a.inner)
+        flop_rate = lambda n: lambda ms: (f"{n / ms / 1e9:.0f} TFLOP/s", f"{n / ms / 1e9 / tflops_mm:.0%}")
+        rows += rows_for(name + " fwd", t_f, flop_rate(fl)) + rows_for(name + " fwd+bwd", t_fb, flop_rate(3.5 * fl))
         del q, k, v, do
     return rows
 
@@ -176,14 +219,14 @@ def bench_flce(a, g, bw):
              "ours (Triton)": fwd_bwd(lambda h, w: fused_linear_cross_entropy(h, w, y, ignore_index=-100), (h, w), (one,))}
     if HAVE_LIGER:
         impls["Liger-Kernel"] = fwd_bwd(lambda h, w: LigerFusedLinearCrossEntropyFunction.apply(h, w, y)[0], (h, w), (one,))
-    t = run_rounds(impls, a.reps, a.rounds)
+    t = run_rounds(impls, a.reps, a.rounds, a.inner)
     rows = []
     for k_, fn in impls.items():  # extra memory: peak during one step beyond what the inputs and grads hold
         fn(); torch.cuda.synchronize(); gc.collect()
         base = torch.cuda.memory_allocated(); torch.cuda.reset_peak_memory_stats()
         fn(); torch.cuda.synchronize()
         extra = (torch.cuda.max_memory_allocated() - base) / 2**30
-        rows.append((f"fused linear CE fwd+bwd T{T} H{H} V{V}", k_, t[k_], f"{extra:.2f} GiB extra", ""))
+        rows += rows_for(f"fused linear CE fwd+bwd T{T} H{H} V{V}", {k_: t[k_]}, lambda ms: (f"{extra:.2f} GiB extra", ""))
     return rows
 
 
@@ -201,11 +244,10 @@ def bench_moe(a, g, bw):
         return f
     impls = {"torch index ops": fwd_bwd(round_trip(moe_dispatch_ref, moe_combine_ref), (x, wts), (dout,)),
              "ours (Triton)": fwd_bwd(round_trip(moe_dispatch, moe_combine), (x, wts), (dout,))}
-    t = run_rounds(impls, a.reps, a.rounds)
+    t = run_rounds(impls, a.reps, a.rounds, a.inner)
     # dispatch: read T·H, write T·K·H; combine: read T·K·H, write T·H; backward the same again (+ the xs*1.0 pass)
     nbytes = 2 * 2 * (T * H + T * K * H) * 2
-    return [(f"moe dispatch+combine fwd+bwd T{T} k{K} H{H} E{E}", k_, ms, f"{nbytes / ms / 1e6:,.0f} GB/s",
-             f"{nbytes / ms / 1e6 / bw:.0%}") for k_, ms in t.items()]
+    return rows_for(f"moe dispatch+combine fwd+bwd T{T} k{K} H{H} E{E}", t, bw_rate(nbytes, bw))
 
 
 BENCHES = {"attention": bench_attention, "rmsnorm": bench_rmsnorm, "swiglu": bench_swiglu, "rope": bench_rope,
@@ -217,6 +259,7 @@ def main():
     p.add_argument("--only", nargs="*", choices=list(BENCHES), default=list(BENCHES))
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--inner", type=int, default=10, help="calls captured per CUDA graph (0: per-call timing only)")
     p.add_argument("--out", default="benchmarks/kernels.md")
     a = p.parse_args()
     if not torch.cuda.is_available(): sys.exit("bench_kernels.py needs a CUDA GPU")
@@ -230,7 +273,7 @@ def main():
         try: rows += BENCHES[name](a, g, arg)
         except Exception as e:  # noqa: BLE001 (one failing kernel must not hide the others' numbers)
             import traceback; traceback.print_exc()
-            rows.append((name, "FAILED", float("nan"), str(e).splitlines()[0][:80], ""))
+            rows.append((name, "FAILED", float("nan"), float("nan"), False, str(e).splitlines()[0][:80], ""))
         print(f"{name} done", flush=True)
         torch.cuda.empty_cache()
     gpu = torch.cuda.get_device_name()
@@ -239,19 +282,22 @@ def main():
              + (f"; Liger-Kernel {liger_kernel.__version__ if hasattr(liger_kernel, '__version__') else 'installed'}" if HAVE_LIGER else "; Liger-Kernel absent"),
              f"- command: `python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:])}`".rstrip(),
              f"- measured ceilings: device-to-device copy {bw:,.0f} GB/s (read + write); bf16 matmul 8192³ {tf:.0f} TFLOP/s",
-             f"- bf16; median over {a.rounds} interleaved rounds of the median of {a.reps} timed calls; "
-             "`vs best other` = the fastest other implementation's time / ours (> 1: ours faster)",
-             "- each timed call is synchronised: host launch and autograd overhead count, so small memory-bound kernels are "
-             "partly launch-bound here (this VM's CPU spends ~25-40 µs per launch)", "",
-             "| benchmark | implementation | median ms | throughput | of ceiling | vs best other |", "|---|---|---:|---:|---:|---:|"]
+             f"- bf16; median over {a.rounds} interleaved rounds of the median of {a.reps} timings; `ms` = GPU time per call from "
+             f"CUDA-graph replays of {a.inner} captured calls (no host overhead; `*`: not capturable, timed per call); "
+             "`per call ms` = one synchronised eager call, host launch and autograd overhead included; "
+             "throughput, ceiling and `vs best other` (= the fastest other implementation's ms / ours; > 1: ours faster) use `ms`", "",
+             "| benchmark | implementation | ms | per call ms | throughput | of ceiling | vs best other |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     by_bench = {}
     for r in rows: by_bench.setdefault(r[0], []).append(r)
     for bench, rs in by_bench.items():
-        others = [r[2] for r in rs if not r[1].startswith("ours")]
+        col = 2 if all(r[4] for r in rs) else 3  # compare graph times only when every row has one
+        others = [r[col] for r in rs if not r[1].startswith("ours")]
         best = min(others) if others else float("nan")
         for r in rs:
-            ratio = f"{best / r[2]:.2f}x" if r[1].startswith("ours") and others else ""
-            lines.append(f"| {bench} | {r[1]} | {r[2]:.3f} | {r[3]} | {r[4]} | {ratio} |")
+            ratio = f"{best / r[col]:.2f}x" if r[1].startswith("ours") and others else ""
+            if ratio and col == 3: ratio += " (per call)"
+            lines.append(f"| {bench} | {r[1]} | {r[2]:.3f}{'' if r[4] else '*'} | {r[3]:.3f} | {r[5]} | {r[6]} | {ratio} |")
     text = "\n".join(lines) + "\n"
     print(text)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

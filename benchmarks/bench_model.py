@@ -60,9 +60,10 @@ def build(cfg: ModelConfig, dtype):
 
 
 def flops_per_token(cfg: ModelConfig, seq: int) -> float:
-    "Training FLOPs per token: 6 N (matmul weights, LM head included, embedding excluded) + causal attention."
+    "Training FLOPs per token: 6 N (active matmul weights, LM head included, embedding excluded) + causal attention."
     # the embedding lookup does no matmul, the LM head does: untied, drop one V x d; tied, the one copy is the head
-    n = cfg.total_params_estimate() - (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size)
+    # MoE: a token passes through its top-k experts only, so N counts the active parameters (= all of a dense model)
+    n = cfg.active_params_estimate() - (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size)
     attn = 6 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq  # 12·L·H·D·T/2 (causal) fwd+bwd
     return 6 * n + attn
 
@@ -117,7 +118,7 @@ def main():
     compiled = None
     if not a.no_compile:
         compiled = variant("torch")
-        for layer in compiled.layers: layer.compile()
+        for layer in compiled.layers: layer.compile(dynamic=False)  # fixed shapes: no symbolic sizes
         impls["ours, PyTorch ops + torch.compile"] = compiled
     with torch.no_grad():
         lt = triton_k(ids[:, :256]).logits.float()

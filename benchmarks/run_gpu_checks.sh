@@ -3,6 +3,7 @@
 #   bash benchmarks/run_gpu_checks.sh tests          # GPU pytest + the notebooks' `#| cuda` / `#| triton` cells
 #   bash benchmarks/run_gpu_checks.sh bench-kernels  # benchmarks/bench_kernels.py (Liger-Kernel rows if importable)
 #   bash benchmarks/run_gpu_checks.sh bench-model    # benchmarks/bench_model.py
+#   bash benchmarks/run_gpu_checks.sh bench-moe      # benchmarks/bench_moe.py
 #   bash benchmarks/run_gpu_checks.sh all
 # Wheels the GPU image lacks (nbdev and its deps, quicktok-v1, liger-kernel) travel in .whl/; results go to $OUT.
 set -uo pipefail
@@ -26,5 +27,8 @@ if [ "$MODE" = bench-kernels ] || [ "$MODE" = all ]; then
 fi
 if [ "$MODE" = bench-model ] || [ "$MODE" = all ]; then
   python3 benchmarks/bench_model.py --out "$OUT/model.md" "$@" 2>&1 | tee "$OUT/bench_model.log" | tail -25 || rc=1
+fi
+if [ "$MODE" = bench-moe ] || [ "$MODE" = all ]; then
+  python3 benchmarks/bench_moe.py --out "$OUT/moe.md" "$@" 2>&1 | tee "$OUT/bench_moe.log" | tail -25 || rc=1
 fi
 exit $rc

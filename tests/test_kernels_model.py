@@ -69,3 +69,22 @@ def test_bf16_kernels_no_further_from_fp32_than_pytorch_ops():
     with torch.no_grad():
         l32, l16, lf = ref32(ids).logits, ref16(ids).logits.float(), fused16(ids).logits.float()
     assert rel_err(lf, l32) <= 1.25 * rel_err(l16, l32) + 1e-3
+
+
+@pytest.mark.skipif(not GPU, reason="torch.compile of the Triton-kernel layers: needs a GPU (inductor traces our kernels)")
+@pytest.mark.parametrize("moe", [False, True])
+def test_compiled_kernel_layers_equal_eager(moe):
+    "Each decoder layer torch.compile'd with the Triton kernels inside: same loss and gradients as eager, in bf16."
+    cfg = CFG.replace(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32) if moe else CFG
+    _, eager = pair(cfg, torch.bfloat16)
+    _, comp = pair(cfg, torch.bfloat16)
+    for layer in comp.layers: layer.compile(dynamic=False)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 211, (2, 128), generator=g).to(DEV)
+    labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], 1)
+    le, lc = eager(ids, labels=labels).loss, comp(ids, labels=labels).loss
+    assert abs(le.item() - lc.item()) < 2e-2 * abs(le.item())
+    le.backward(); lc.backward()
+    cp = dict(comp.named_parameters())
+    for n, p in eager.named_parameters():
+        assert rel_err(cp[n].grad.float(), p.grad.float()) < 5e-2, n

@@ -99,7 +99,7 @@ def _attn_fwd_kernel(Q, K, V, Out, Lse, DocStart, DocEnd, sm_scale, S, D, H, GRO
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)      # finite: a fully hidden block must not give NaN
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    qk_scale = sm_scale * LOG2E
+    qk_scale = tl.cast(sm_scale, tl.float32) * LOG2E  # float32 even when a caller (inductor) types the scalar as fp64
     last = tl.minimum(start_m + BLOCK_M, S) - 1               # last real query row of the block
     ds = offs_m                                               # placeholders when there are no documents
     de = offs_m
@@ -260,7 +260,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, DocStart, DocEnd, sm_
                    + offs_d[None, :], offs_n, S, offs_d, D, True, not EVEN_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    qk_scale = sm_scale * LOG2E
+    qk_scale = tl.cast(sm_scale, tl.float32) * LOG2E  # float32 even when a caller (inductor) types the scalar as fp64
     ds_k = offs_n                                             # placeholders when there are no documents
     de_k = offs_n
     hi = S                                                    # no query at or past here sees these keys
@@ -306,7 +306,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, DocStart, DocEnd, sm_
                                           BLOCK_M, CAUSAL, HAS_DOCS, EVEN_D, True)
     smask = (offs_n[:, None] < S) & (offs_d[None, :] < D)
     tl.store(DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dks
-             + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=smask)
+             + offs_d[None, :], (dk * tl.cast(sm_scale, tl.float32)).to(DK.dtype.element_ty), mask=smask)
     tl.store(DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh + offs_n[:, None] * stride_dvs
              + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=smask)
 
@@ -356,7 +356,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, DocStart, DocEnd, sm_scale,
     lse2 = tl.load(Lse + pid_bh.to(tl.int64) * S + offs_m, mask=offs_m < S, other=0.0) * LOG2E
     delta = tl.load(Delta + pid_bh.to(tl.int64) * S + offs_m, mask=offs_m < S, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    qk_scale = sm_scale * LOG2E
+    qk_scale = tl.cast(sm_scale, tl.float32) * LOG2E  # float32 even when a caller (inductor) types the scalar as fp64
     last = tl.minimum(start_m + BLOCK_M, S) - 1
     ds = offs_m
     de = offs_m
@@ -385,7 +385,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, DocStart, DocEnd, sm_scale,
         dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_ks, stride_vs, offs_m, offs_d, ds, de,
                                 full, S, S, D, qk_scale, BLOCK_N, CAUSAL, HAS_DOCS, EVEN_D, True)
     tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + offs_m[:, None] * stride_dqs
-             + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+             + offs_d[None, :], (dq * tl.cast(sm_scale, tl.float32)).to(DQ.dtype.element_ty),
              mask=(offs_m[:, None] < S) & (offs_d[None, :] < D))
 
 # %% ../../kernels_nbs/02_flash_attention.ipynb #91fc74e5

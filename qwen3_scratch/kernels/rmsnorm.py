@@ -22,7 +22,7 @@ def _rms_norm_fwd_kernel(X, W, Y, RSTD, M, N, stride_x, stride_y, eps,
     mask = rmask[:, None] & cmask[None, :]
     x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)  # (BM, BN)
     w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / N + eps)                                          # (BM,)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / N + tl.cast(eps, tl.float32))                                          # (BM,)
     xhat = (x * rstd[:, None]).to(X.dtype.element_ty).to(tl.float32)  # Qwen3 rounds x̂ to the input dtype first
     y = xhat * w[None, :]
     tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
