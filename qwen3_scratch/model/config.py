@@ -66,6 +66,14 @@ class ModelConfig:
     vision_num_channels: int = 3
     vision_deepstack_layers: list[int] = field(default_factory=lambda: [8, 16, 24])  # ViT depths fed to the first LM layers
     vision_merger_spatial_factor: int = 2  # 2x2 patches merge into one visual token
+    vision_hidden_act: str = "gelu_pytorch_tanh"  # the ViT MLP's GELU (tanh approximation), as Qwen3-VL; or "gelu"
+    vision_rope_theta: float = 10_000.0  # base of the ViT's 2-D (row, column) rotary embedding (HF vision rope_theta)
+    # --- multimodal positions and tokens (Qwen3-VL; unused by text-only models) ---
+    mrope_section: list[int] | None = None  # interleaved MRoPE: [24, 20, 20] of head_dim/2 frequencies follow (t, h, w); None = 1-D RoPE
+    image_token_id: int = 151_655  # <|image_pad|>: one per visual token after expansion
+    video_token_id: int = 151_656  # <|video_pad|> (videos are not implemented yet; the id is kept for the HF config)
+    vision_start_token_id: int = 151_652  # <|vision_start|>, written before every image
+    vision_end_token_id: int = 151_653  # <|vision_end|>
     # --- token ids (Qwen3's; the tokenizer notebook explains them) ---
     bos_token_id: int | None = 151_643
     eos_token_id: int | None = 151_645
@@ -119,6 +127,18 @@ def _validate(c: ModelConfig):
                f"({c.vision_num_attention_heads})")
         _check(c.vision_image_size % c.vision_patch_size == 0,
                f"vision_image_size ({c.vision_image_size}) must be a multiple of vision_patch_size ({c.vision_patch_size})")
+        _check(len(c.vision_deepstack_layers) <= c.num_hidden_layers,
+               f"{len(c.vision_deepstack_layers)} vision_deepstack_layers feed the first decoder layers, but there are only "
+               f"{c.num_hidden_layers}: drop some DeepStack layers or add decoder layers")
+        _check(c.vision_hidden_act in ("gelu_pytorch_tanh", "gelu"),
+               f"vision_hidden_act={c.vision_hidden_act!r}: Qwen3-VL uses 'gelu_pytorch_tanh' ('gelu' also works)")
+        _check(c.vision_rope_theta > 0, f"vision_rope_theta must be > 0, got {c.vision_rope_theta}")
+    if c.mrope_section is not None:
+        _check(len(c.mrope_section) == 3 and sum(c.mrope_section) == c.head_dim // 2,
+               f"mrope_section {c.mrope_section} must be three (t, h, w) counts summing to head_dim // 2 = "
+               f"{c.head_dim // 2}, e.g. [24, 20, 20] for head_dim 128")
+        _check(c.mrope_section[1] <= c.mrope_section[0] and c.mrope_section[2] <= c.mrope_section[0],
+               f"mrope_section {c.mrope_section}: the interleaved layout needs t >= h and t >= w (t also takes the tail)")
     if c.rope_scaling is not None: _validate_rope_scaling(c)
 
 _YARN_KEYS = {"rope_type", "type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
