@@ -74,10 +74,13 @@ def test_bf16_kernels_no_further_from_fp32_than_pytorch_ops():
 @pytest.mark.skipif(not GPU, reason="torch.compile of the Triton-kernel layers: needs a GPU (inductor traces our kernels)")
 @pytest.mark.parametrize("moe", [False, True])
 def test_compiled_kernel_layers_equal_eager(moe):
-    "Each decoder layer torch.compile'd with the Triton kernels inside: same loss and gradients as eager, in bf16."
+    "Each decoder layer torch.compile'd with the Triton kernels inside: same loss and gradients as eager."
     cfg = CFG.replace(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32) if moe else CFG
-    _, eager = pair(cfg, torch.bfloat16)
-    _, comp = pair(cfg, torch.bfloat16)
+    # MoE in float32: in bf16 a fused rounding difference can flip a near-tied top-k choice, and then a token's
+    # gradient legitimately goes to another expert; float32 keeps the routing identical so the check stays sharp
+    dtype = torch.float32 if moe else torch.bfloat16
+    _, eager = pair(cfg, dtype)
+    _, comp = pair(cfg, dtype)
     for layer in comp.layers: layer.compile(dynamic=False)
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 211, (2, 128), generator=g).to(DEV)
@@ -88,3 +91,17 @@ def test_compiled_kernel_layers_equal_eager(moe):
     cp = dict(comp.named_parameters())
     for n, p in eager.named_parameters():
         assert rel_err(cp[n].grad.float(), p.grad.float()) < 5e-2, n
+
+
+def test_kernels_under_bf16_autocast():
+    "float32 master weights under bf16 autocast (how scripts/train.py trains): the Triton path runs and matches torch's."
+    ref, fused = pair(CFG)  # float32 weights
+    ids = torch.randint(0, 211, (2, 40), generator=torch.Generator().manual_seed(4)).to(DEV)
+    labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], 1)
+    with torch.autocast(DEV, dtype=torch.bfloat16):
+        lr, lf = ref(ids, labels=labels).loss, fused(ids, labels=labels).loss
+    assert torch.isfinite(lf) and abs(lf.item() - lr.item()) < 2e-2 * abs(lr.item())
+    lr.backward(); lf.backward()
+    fp = dict(fused.named_parameters())
+    for n, p in ref.named_parameters():
+        assert fp[n].grad.dtype == torch.float32 and rel_err(fp[n].grad, p.grad) < 6e-2, n

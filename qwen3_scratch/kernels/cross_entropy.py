@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .utils import cdiv, interpreting, new_empty, next_pow2, upcast_for_interpreter
+from .utils import autocast_inputs, cdiv, interpreting, new_empty, next_pow2, upcast_for_interpreter
 
 # %% ../../kernels_nbs/04_cross_entropy.ipynb #2865184a
 def cross_entropy_ref(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -241,6 +241,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
                                ignore_index: int = -100, chunk_size: int | None = None, *,
                                grad_weight_fp32: bool = False) -> torch.Tensor:
     "Mean cross-entropy of `hidden @ weight.T` `(N, V)` against `targets` `(N,)`, never holding more than a chunk of logits."
+    hidden, weight = autocast_inputs(hidden, weight)  # under autocast the LM head's matmul runs in its dtype, as F.linear's
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"fused_linear_cross_entropy: hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} "
                          "must be (N, d) and (V, d) with the same d: flatten hidden's leading dims (hidden.flatten(0, -2))")

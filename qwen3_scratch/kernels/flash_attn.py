@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import cdiv, interpreting, new_empty, next_pow2, upcast_for_interpreter
+from .utils import autocast_inputs, cdiv, interpreting, new_empty, next_pow2, upcast_for_interpreter
 from ..model.attention import document_ids
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -471,6 +471,7 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
                     softmax_scale: float | None = None, cu_seqlens: torch.Tensor | None = None):
     "FlashAttention-2: q `(B, Hq, S, D)`, k/v `(B, Hkv, S, D)` -> out `(B, Hq, S, D)`, float32 lse `(B, Hq, S)`."
+    q, k, v = autocast_inputs(q, k, v)  # under autocast, like SDPA: one low-precision dtype
     _check_inputs(q, k, v, cu_seqlens)
     B, _, S, D = q.shape
     scale = float(softmax_scale) if softmax_scale is not None else D ** -0.5

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['REL_TOL', 'interpreting', 'triton_importable', 'use_triton', 'poison_outputs', 'new_empty', 'new_empty_like',
-           'upcast_for_interpreter', 'cdiv', 'next_pow2', 'test_device', 'rel_err', 'assert_close']
+           'upcast_for_interpreter', 'cdiv', 'next_pow2', 'autocast_inputs', 'test_device', 'rel_err', 'assert_close']
 
 # %% ../../kernels_nbs/index.ipynb #2d35b72a
 import contextlib
@@ -72,6 +72,14 @@ def cdiv(a: int, b: int) -> int: return -(-a // b)
 def next_pow2(n: int) -> int: return 1 << max(0, math.ceil(math.log2(max(n, 1))))
 
 # %% ../../kernels_nbs/index.ipynb #b655d63a
+def autocast_inputs(*ts: torch.Tensor | None):
+    "Under autocast on their device, floating tensors cast to its dtype (as torch's matmuls do); unchanged otherwise."
+    dev = next((t.device.type for t in ts if t is not None), "cpu")
+    if not torch.is_autocast_enabled(dev): return ts
+    dt = torch.get_autocast_dtype(dev)
+    return tuple(t.to(dt) if t is not None and t.is_floating_point() else t for t in ts)
+
+# %% ../../kernels_nbs/index.ipynb #a73f3988
 REL_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 def test_device() -> str:
