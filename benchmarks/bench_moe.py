@@ -86,6 +86,24 @@ def interleave(impls: dict, make, timed, warmup: int, reps: int, rounds: int, de
     return {k: statistics.median(v) for k, v in times.items()}, mem
 
 
+def profile_table(fn, device, rows: int = 15) -> list[str]:
+    "Top GPU kernels of a few calls of fn (torch.profiler), as markdown rows: where the time goes."
+    from torch.profiler import ProfilerActivity, profile
+    for _ in range(2): fn()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(3): fn()
+        if device == "cuda": torch.cuda.synchronize()
+    key = "device_time_total" if device == "cuda" else "cpu_time_total"
+    ev = [e for e in prof.key_averages() if getattr(e, key, 0) > 0 and (device != "cuda" or e.device_type.name == "CUDA")]
+    ev.sort(key=lambda e: -getattr(e, key))
+    total = sum(getattr(e, key) for e in ev) or 1
+    out = ["| kernel | calls / step | ms / step | share |", "|---|---:|---:|---:|"]
+    for e in ev[:rows]:
+        out.append(f"| `{e.key[:90]}` | {e.count // 3} | {getattr(e, key) / 3e3:.2f} | {getattr(e, key) / total:.1%} |")
+    return out
+
+
 def bench_block(a, device, dtype, timed):
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
     cfg = moe_config(a, "torch")
@@ -135,6 +153,9 @@ def bench_block(a, device, dtype, timed):
     flops = 3 * 2 * 3 * d * cfg.moe_intermediate_size * T * cfg.num_experts_per_tok
     rows = [f"| {name} | {k} | {ms:.3f} | {flops / ms / 1e9:.0f} | {base / ms:.2f}x | {base_g / ms:.2f}x | {mem.get(k, 0):.2f} |"
             for k, ms in t.items()]
+    if a.profile and "ours, Triton dispatch/combine" in impls:
+        rows += ["", "Where the time goes in `ours, Triton dispatch/combine` (torch.profiler, GPU kernels):", ""]
+        rows += profile_table(fwd_bwd(impls["ours, Triton dispatch/combine"]), device)
     return ["| benchmark | implementation | median ms | expert TFLOP/s | vs HF eager | vs HF grouped_mm | peak GiB |",
             "|---|---|---:|---:|---:|---:|---:|"] + rows
 
@@ -147,17 +168,18 @@ def bench_model(a, device, dtype, timed, peak):
     with torch.device(device): hf = Qwen3MoeForCausalLM(hf_config(cfg, "grouped_mm")).to(dtype)
     sd = {k.removeprefix("model."): v for k, v in hf.state_dict().items()}
 
-    def ours(kernels: str, compile_layers: bool = False) -> Qwen3Model:
+    def ours(kernels: str, compile_mode: str | None = None) -> Qwen3Model:
         with torch.device("meta"): m = Qwen3Model(cfg.replace(kernels=kernels))
         m.load_state_dict(sd, assign=True, strict=True)  # shares HF's storage: identical weights
         m.rotary_emb.inv_freq = torch.empty(cfg.head_dim // 2, device=device)
         m.rotary_emb.reset_parameters()
-        if compile_layers:
-            for layer in m.layers: layer.compile(dynamic=False)  # fixed training shapes: no symbolic sizes
+        if compile_mode:  # fixed training shapes: no symbolic sizes
+            for layer in m.layers: layer.compile(dynamic=False, mode=None if compile_mode == "default" else compile_mode)
         return m.train()
     impls = {"transformers (grouped_mm experts, sdpa)": hf.train(), "ours, PyTorch ops": ours("torch")}
     if device == "cuda" or a.smoke: impls["ours, Triton kernels"] = ours("triton")
-    if device == "cuda" and not a.no_compile: impls["ours, Triton kernels + torch.compile per layer"] = ours("triton", True)
+    if device == "cuda" and not a.no_compile:
+        impls["ours, Triton kernels + torch.compile per layer"] = ours("triton", "default")
     g = torch.Generator(device=device).manual_seed(1)
     ids = torch.randint(0, cfg.vocab_size, (B, T), device=device, generator=g)
     labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], 1)  # ours: pre-shifted; HF shifts itself
@@ -183,6 +205,10 @@ def bench_model(a, device, dtype, timed, peak):
         tps = B * T / ms * 1e3
         mfu = f"{tps * fpt / peak:.1%}" if peak else "n/a"
         rows.append(f"| train step B{B} x S{T} | {k} | {ms:.1f} | {tps:,.0f} | {mfu} | {base / ms:.2f}x | {mem.get(k, 0):.1f} |")
+    if a.profile:
+        best = min((k for k in t if k.startswith("ours")), key=t.get)
+        rows += ["", f"Where the time goes in `{best}` (torch.profiler, GPU kernels):", ""]
+        rows += profile_table(step(impls[best]), device)
     head = [f"Model: {cfg.num_hidden_layers} layers, d={cfg.hidden_size}, {cfg.num_attention_heads}/{cfg.num_key_value_heads} "
             f"heads of {cfg.head_dim}, E{cfg.num_experts} top-{cfg.num_experts_per_tok}, I={cfg.moe_intermediate_size}, "
             f"vocab {cfg.vocab_size}: {cfg.total_params_estimate() / 1e9:.2f}B parameters, "
@@ -204,6 +230,7 @@ def main():
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--profile", action="store_true", help="add a torch.profiler table of the fastest of ours")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, runs on the CPU (float32)")
     p.add_argument("--out", default="benchmarks/moe.md")
     a = p.parse_args()

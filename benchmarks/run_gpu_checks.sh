@@ -19,7 +19,16 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 rc=0
 if [ "$MODE" = tests ] || [ "$MODE" = all ]; then
-  python3 -m pytest tests -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | tail -25 || rc=1
+  # four pytest processes at once (Triton compilation and autotuning are CPU-bound; the GPU is shared), then the notebooks
+  K="tests/test_kernel_flash_attn.py"; P="tests/test_pretrain.py tests/test_checkpoint.py"
+  O=$(ls tests/test_kernel_*.py | grep -v flash_attn | tr '\n' ' ')" tests/test_kernels_model.py"
+  R=$(for f in tests/test_*.py; do case " $K $P $O " in *" $f "*) ;; *) echo -n "$f ";; esac; done)
+  i=0; pids=()
+  for group in "$K" "$P" "$O" "$R"; do
+    i=$((i + 1)); python3 -m pytest $group -q -rs -p no:cacheprovider > "$OUT/pytest_$i.log" 2>&1 & pids+=($!)
+  done
+  for pid in "${pids[@]}"; do wait "$pid" || rc=1; done
+  for i in 1 2 3 4; do echo "pytest group $i: $(tail -1 "$OUT/pytest_$i.log")"; done
   for d in nbs kernels_nbs; do nbdev_test --path $d --flags "cuda triton" 2>&1 | tee "$OUT/nbdev_test_$d.log" | tail -8 || rc=1; done
 fi
 if [ "$MODE" = bench-kernels ] || [ "$MODE" = all ]; then

@@ -75,9 +75,11 @@ def test_bf16_kernels_no_further_from_fp32_than_pytorch_ops():
 @pytest.mark.parametrize("moe", [False, True])
 def test_compiled_kernel_layers_equal_eager(moe):
     "Each decoder layer torch.compile'd with the Triton kernels inside: same loss and gradients as eager."
-    cfg = CFG.replace(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32) if moe else CFG
-    # MoE in float32: in bf16 a fused rounding difference can flip a near-tied top-k choice, and then a token's
-    # gradient legitimately goes to another expert; float32 keeps the routing identical so the check stays sharp
+    # MoE with top-k = all experts: a fused rounding difference cannot flip a near-tied top-k choice (which would
+    # legitimately send a token's gradient to another expert), while dispatch, grouped GEMMs and combine all still run
+    # and in float32: a 4-expert layer adds enough bf16 roundings that compiled and eager drift ~5% on the embedding
+    # gradient, the size of the bug this test is for
+    cfg = CFG.replace(num_experts=4, num_experts_per_tok=4, moe_intermediate_size=32) if moe else CFG
     dtype = torch.float32 if moe else torch.bfloat16
     _, eager = pair(cfg, dtype)
     _, comp = pair(cfg, dtype)

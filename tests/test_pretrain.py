@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN = [sys.executable, str(ROOT / "scripts" / "train.py"), "pretrain", "--config", "pretrain_debug"]
+TRAIN = [sys.executable, str(ROOT / "scripts" / "train.py"), "pretrain", "--config", "pretrain_debug", "device=cpu"]
 TINY = ("model_overrides={hidden_size: 64, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, "
         "head_dim: 16, intermediate_size: 128, kernels: torch}")
 
@@ -118,7 +118,7 @@ def test_two_gloo_ranks_save_and_resume_on_one(tmp_path, corpus):
     r = run(args(one, corpus, steps=4, ckpt=2, extra=["train.grad_accum=1", "train.micro_batch_size=4"]))
     assert r.returncode == 0, r.stderr[-3000:]
     tr = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-          str(ROOT / "scripts" / "train.py"), "pretrain", "--config", "pretrain_debug"]
+          str(ROOT / "scripts" / "train.py"), "pretrain", "--config", "pretrain_debug", "device=cpu"]
     r = run(args(two, corpus, steps=4, ckpt=2, extra=["train.grad_accum=1", "train.micro_batch_size=2"]), cmd=tr)
     assert r.returncode == 0, r.stderr[-5000:]
     ck = json.loads((two / "checkpoints" / "step_000002" / "COMPLETE").read_text())
@@ -139,7 +139,7 @@ def test_two_gloo_ranks_save_and_resume_on_one(tmp_path, corpus):
 def test_two_gloo_ranks_fsdp_and_export(tmp_path, corpus):
     out = tmp_path / "fsdp"
     tr = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-          str(ROOT / "scripts" / "train.py"), "pretrain", "--config", "pretrain_debug"]
+          str(ROOT / "scripts" / "train.py"), "pretrain", "--config", "pretrain_debug", "device=cpu"]
     r = run(args(out, corpus, steps=2, ckpt=2, extra=["train.data_parallel=fsdp", "train.micro_batch_size=2",
                                                     "train.grad_accum=1", "export_hf=true"]), cmd=tr)
     assert r.returncode == 0, r.stderr[-5000:]

@@ -191,6 +191,9 @@ def _check_triton_device(t: torch.Tensor, fn: str):
         raise RuntimeError(f"{fn} runs Triton kernels and got a tensor on {t.device}: move it to a CUDA GPU, call "
                            f"{fn}_ref instead, or set TRITON_INTERPRET=1 before importing triton (tests only)")
 
+# torch.compile runs these two eagerly (a graph break each): traced by inductor, the layer's gradients drifted ~5% from
+# eager on an H200 (the inverse permutation handed from dispatch to combine through the tensor attribute is the suspect)
+@torch.compiler.disable
 def moe_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int, *, check: bool = True):
     "Copy each token to its k experts, expert-contiguous and stable: (x_sorted, sorted_pos, counts, offsets)."
     _check_dispatch(x, topk_idx, num_experts)
@@ -207,6 +210,7 @@ def _inverse_of(sorted_pos: torch.Tensor) -> torch.Tensor:
     version, inv = getattr(sorted_pos, "_moe_inv", (None, None))
     return inv if version == sorted_pos._version else moe_invert(sorted_pos)
 
+@torch.compiler.disable
 def moe_combine(y_sorted: torch.Tensor, sorted_pos: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
     "out (T, H)[t] = sum_j topk_weights[t, j] * y_sorted[row of copy t*k + j]: float32 sums, y_sorted's dtype."
     _check_combine(y_sorted, sorted_pos, topk_weights)

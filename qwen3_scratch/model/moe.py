@@ -219,7 +219,7 @@ class SparseMoeBlock(nn.Module):
         x = x.reshape(-1, shape[-1])  # (N, d)
         top_w, top_i, _, probs = self.gate(x)  # (N, k), (N, k), _, (N, E)
         x_sorted, sorted_pos, counts, offsets = dispatch(x, top_i, E, self.kernels)  # (N*k, d)
-        dropped = counts.new_zeros(())
+        routed, dropped = counts, counts.new_zeros(())  # (E,) copies routed to each expert, before any dropping
         if self.drop_tokens:
             cap = expert_capacity(x.shape[0], k, E, self.capacity_factor)
             keep = capacity_keep(counts, offsets, cap, x_sorted.shape[0])  # (N*k,)
@@ -231,13 +231,16 @@ class SparseMoeBlock(nn.Module):
             dropped, counts = counts.sum() - kept.sum(), kept
         else: y_sorted = self.experts(x_sorted, counts, self.grouped)
         out = combine(y_sorted, sorted_pos, top_w, self.kernels)  # (N, d)
-        return out.view(shape), self._stats(top_i, probs, token_mask, counts, dropped)
+        return out.view(shape), self._stats(top_i, probs, token_mask, routed, counts, dropped)
 
-    def _stats(self, top_i, probs, token_mask, load, dropped) -> MoEStats:
+    def _stats(self, top_i, probs, token_mask, routed, load, dropped) -> MoEStats:
+        # no host sync here (a sync per layer stalls the GPU queue): the routed counts come from the dispatch's sort,
+        # not bincount (which reads its input's max back to size the output), and the row count is a fill on the
+        # device, not a host-to-device copy of a Python float (which waits for the stream)
         E, k = self.num_experts, self.top_k
         if token_mask is None:
-            f = torch.bincount(top_i.reshape(-1), minlength=E).float()
-            return MoEStats(f, probs.sum(0), probs.new_tensor(float(probs.shape[0])), load, dropped)
+            rows = torch.full((), float(probs.shape[0]), device=probs.device)
+            return MoEStats(routed.float(), probs.sum(0), rows, load, dropped)
         m = token_mask.reshape(-1).to(probs.device, torch.float32)  # (N,) 1 for real tokens, 0 for padding
         f = torch.zeros(E, device=probs.device).index_add_(0, top_i.reshape(-1), m.repeat_interleave(k))
         return MoEStats(f, (probs * m[:, None]).sum(0), m.sum(), load, dropped)

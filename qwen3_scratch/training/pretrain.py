@@ -364,6 +364,9 @@ def init_distributed(device: str = "auto"):
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto": device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise TrainError(f"rank {local} of this node wants {device} but it has {torch.cuda.device_count()} GPU(s): "
+                         "launch at most one process per GPU (torchrun --nproc_per_node), or pass device=cpu for gloo")
     if device.type == "cuda": torch.cuda.set_device(device)
     mesh = None
     if world > 1:
