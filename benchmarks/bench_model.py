@@ -16,10 +16,10 @@ The two models share their weights (HF's are loaded into ours), and the logits a
 import argparse
 import datetime
 import gc
-import math
 import platform
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -34,14 +34,37 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 datas
 
 
 def timed(fn, warmup: int, reps: int) -> list[float]:
-    "Milliseconds of `reps` calls of fn after `warmup` calls, each between CUDA events."
+    "Milliseconds of `reps` calls of fn after `warmup` calls: CUDA events on a GPU, perf_counter on the CPU (smoke runs)."
     for _ in range(warmup): fn()
-    torch.cuda.synchronize()
     out = []
     for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record(); fn(); b.record(); torch.cuda.synchronize()
-        out.append(a.elapsed_time(b))
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record(); fn(); b.record(); torch.cuda.synchronize()
+            out.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter(); fn(); out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def profile_table(fn, rows: int = 15, steps: int = 3) -> list[str]:
+    "Markdown rows of the top GPU kernels (device time) over `steps` calls of fn; on the CPU, the top ops' CPU time."
+    from torch.profiler import ProfilerActivity, profile
+    cuda = torch.cuda.is_available()
+    fn()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(steps): fn()
+        if cuda: torch.cuda.synchronize()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    # kernels only on a GPU: an op's time also counts its kernels', so mixing them would count time twice
+    ev = [e for e in prof.key_averages() if getattr(e, key, 0) > 0 and (not cuda or e.device_type.name == "CUDA")]
+    ev.sort(key=lambda e: -getattr(e, key))
+    total = sum(getattr(e, key) for e in ev) or 1
+    out = ["| kernel | calls / step | ms / step | share |", "|---|---:|---:|---:|"]
+    for e in ev[:rows]:
+        t = getattr(e, key)
+        out.append(f"| `{e.key[:90].replace('|', '/')}` | {e.count / steps:.0f} | {t / steps / 1e3:.2f} | {t / total:.1%} |")
     return out
 
 
@@ -170,7 +193,7 @@ def main():
     gpu = torch.cuda.get_device_name()
     peak = next((v for k, v in PEAK_BF16.items() if k in gpu), None)
     fpt = flops_per_token(cfg, T)
-    lines = [f"# Dense Qwen3: ours vs transformers", "",
+    lines = ["# Dense Qwen3: ours vs transformers", "",
              f"- GPU: {gpu}; date: {datetime.date.today()}; torch {torch.__version__}; transformers {transformers.__version__}; "
              f"python {platform.python_version()}",
              f"- command: `python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:])}`".rstrip(),

@@ -30,7 +30,7 @@ import torch
 if not torch.cuda.is_available(): os.environ.setdefault("TRITON_INTERPRET", "1")  # --smoke: Triton's CPU interpreter
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_model import PEAK_BF16, flops_per_token  # noqa: E402
+from bench_model import PEAK_BF16, flops_per_token, profile_table, timed  # noqa: E402
 from qwen3_scratch.model.config import ModelConfig  # noqa: E402
 from qwen3_scratch.model.hf import config_to_hf  # noqa: E402
 from qwen3_scratch.model.moe import SparseMoeBlock  # noqa: E402
@@ -56,24 +56,7 @@ def hf_config(cfg: ModelConfig, experts_impl: str):
     return hc
 
 
-def timer(device):
-    "fn -> list of ms per call (synchronised), CUDA events on a GPU, perf_counter on the CPU."
-    import time
-    def timed(fn, warmup: int, reps: int) -> list[float]:
-        for _ in range(warmup): fn()
-        out = []
-        for _ in range(reps):
-            if device == "cuda":
-                torch.cuda.synchronize()
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                s.record(); fn(); e.record(); torch.cuda.synchronize(); out.append(s.elapsed_time(e))
-            else:
-                t0 = time.perf_counter(); fn(); out.append((time.perf_counter() - t0) * 1e3)
-        return out
-    return timed
-
-
-def interleave(impls: dict, make, timed, warmup: int, reps: int, rounds: int, device: str) -> tuple[dict, dict]:
+def interleave(impls: dict, make, warmup: int, reps: int, rounds: int, device: str) -> tuple[dict, dict]:
     "Median ms and peak GiB of each implementation, rounds interleaved so drift hits all alike."
     times, mem = {k: [] for k in impls}, {}
     for r in range(rounds):
@@ -86,25 +69,7 @@ def interleave(impls: dict, make, timed, warmup: int, reps: int, rounds: int, de
     return {k: statistics.median(v) for k, v in times.items()}, mem
 
 
-def profile_table(fn, device, rows: int = 15) -> list[str]:
-    "Top GPU kernels of a few calls of fn (torch.profiler), as markdown rows: where the time goes."
-    from torch.profiler import ProfilerActivity, profile
-    for _ in range(2): fn()
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with profile(activities=acts) as prof:
-        for _ in range(3): fn()
-        if device == "cuda": torch.cuda.synchronize()
-    key = "device_time_total" if device == "cuda" else "cpu_time_total"
-    ev = [e for e in prof.key_averages() if getattr(e, key, 0) > 0 and (device != "cuda" or e.device_type.name == "CUDA")]
-    ev.sort(key=lambda e: -getattr(e, key))
-    total = sum(getattr(e, key) for e in ev) or 1
-    out = ["| kernel | calls / step | ms / step | share |", "|---|---:|---:|---:|"]
-    for e in ev[:rows]:
-        out.append(f"| `{e.key[:90]}` | {e.count // 3} | {getattr(e, key) / 3e3:.2f} | {getattr(e, key) / total:.1%} |")
-    return out
-
-
-def bench_block(a, device, dtype, timed):
+def bench_block(a, device, dtype):
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
     cfg = moe_config(a, "torch")
     T, d = (a.tokens if not a.smoke else 256), cfg.hidden_size
@@ -145,7 +110,7 @@ def bench_block(a, device, dtype, timed):
             call(m, x).backward(dy)
             for p in m.parameters(): p.grad = None
         return f
-    t, mem = interleave(impls, fwd_bwd, timed, 3, a.reps, a.rounds, device)
+    t, mem = interleave(impls, fwd_bwd, 3, a.reps, a.rounds, device)
     base = t["transformers, eager experts (loop)"]
     base_g = t["transformers, grouped_mm experts"]
     name = f"MoE block fwd+bwd, {T} tokens, E{cfg.num_experts} top-{cfg.num_experts_per_tok}, d{d}, I{cfg.moe_intermediate_size}"
@@ -155,12 +120,12 @@ def bench_block(a, device, dtype, timed):
             for k, ms in t.items()]
     if a.profile and "ours, Triton dispatch/combine" in impls:
         rows += ["", "Where the time goes in `ours, Triton dispatch/combine` (torch.profiler, GPU kernels):", ""]
-        rows += profile_table(fwd_bwd(impls["ours, Triton dispatch/combine"]), device)
+        rows += profile_table(fwd_bwd(impls["ours, Triton dispatch/combine"]))
     return ["| benchmark | implementation | median ms | expert TFLOP/s | vs HF eager | vs HF grouped_mm | peak GiB |",
             "|---|---|---:|---:|---:|---:|---:|"] + rows
 
 
-def bench_model(a, device, dtype, timed, peak):
+def bench_model(a, device, dtype, peak):
     from transformers import Qwen3MoeForCausalLM
     cfg = moe_config(a, "torch")
     B, T = (a.batch, a.seq) if not a.smoke else (2, 64)
@@ -168,18 +133,18 @@ def bench_model(a, device, dtype, timed, peak):
     with torch.device(device): hf = Qwen3MoeForCausalLM(hf_config(cfg, "grouped_mm")).to(dtype)
     sd = {k.removeprefix("model."): v for k, v in hf.state_dict().items()}
 
-    def ours(kernels: str, compile_mode: str | None = None) -> Qwen3Model:
+    def ours(kernels: str, compile_layers: bool = False) -> Qwen3Model:
         with torch.device("meta"): m = Qwen3Model(cfg.replace(kernels=kernels))
         m.load_state_dict(sd, assign=True, strict=True)  # shares HF's storage: identical weights
         m.rotary_emb.inv_freq = torch.empty(cfg.head_dim // 2, device=device)
         m.rotary_emb.reset_parameters()
-        if compile_mode:  # fixed training shapes: no symbolic sizes
-            for layer in m.layers: layer.compile(dynamic=False, mode=None if compile_mode == "default" else compile_mode)
+        if compile_layers:  # fixed training shapes: no symbolic sizes
+            for layer in m.layers: layer.compile(dynamic=False)
         return m.train()
     impls = {"transformers (grouped_mm experts, sdpa)": hf.train(), "ours, PyTorch ops": ours("torch")}
     if device == "cuda" or a.smoke: impls["ours, Triton kernels"] = ours("triton")
     if device == "cuda" and not a.no_compile:
-        impls["ours, Triton kernels + torch.compile per layer"] = ours("triton", "default")
+        impls["ours, Triton kernels + torch.compile per layer"] = ours("triton", compile_layers=True)
     g = torch.Generator(device=device).manual_seed(1)
     ids = torch.randint(0, cfg.vocab_size, (B, T), device=device, generator=g)
     labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], 1)  # ours: pre-shifted; HF shifts itself
@@ -197,7 +162,7 @@ def bench_model(a, device, dtype, timed, peak):
             out.loss.backward()
             for p in m.parameters(): p.grad = None
         return f
-    t, mem = interleave(impls, step, timed, 3, a.reps, a.rounds, device)
+    t, mem = interleave(impls, step, 3, a.reps, a.rounds, device)
     base = t["transformers (grouped_mm experts, sdpa)"]
     fpt = flops_per_token(cfg, T)
     rows = []
@@ -208,7 +173,7 @@ def bench_model(a, device, dtype, timed, peak):
     if a.profile:
         best = min((k for k in t if k.startswith("ours")), key=t.get)
         rows += ["", f"Where the time goes in `{best}` (torch.profiler, GPU kernels):", ""]
-        rows += profile_table(step(impls[best]), device)
+        rows += profile_table(step(impls[best]))
     head = [f"Model: {cfg.num_hidden_layers} layers, d={cfg.hidden_size}, {cfg.num_attention_heads}/{cfg.num_key_value_heads} "
             f"heads of {cfg.head_dim}, E{cfg.num_experts} top-{cfg.num_experts_per_tok}, I={cfg.moe_intermediate_size}, "
             f"vocab {cfg.vocab_size}: {cfg.total_params_estimate() / 1e9:.2f}B parameters, "
@@ -239,15 +204,14 @@ def main():
     if device == "cpu" and not a.smoke: sys.exit("bench_moe.py needs a CUDA GPU (or --smoke)")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     import transformers
-    timed = timer(device)
     gpu = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "CPU"
     peak = next((v for k, v in PEAK_BF16.items() if k in gpu), None)
     lines = ["# Qwen3-MoE: ours vs transformers", "",
              f"- GPU: {gpu}; date: {datetime.date.today()}; torch {torch.__version__}; transformers {transformers.__version__}",
              f"- command: `python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:])}`".rstrip(),
              f"- {dtype}; same weights everywhere; median of {a.rounds} interleaved rounds x {a.reps} timed calls after warm-up", ""]
-    for part, fn in (("block", lambda: bench_block(a, device, dtype, timed)),
-                     ("model", lambda: bench_model(a, device, dtype, timed, peak))):
+    for part, fn in (("block", lambda: bench_block(a, device, dtype)),
+                     ("model", lambda: bench_model(a, device, dtype, peak))):
         if part not in a.only: continue
         try: lines += fn() + [""]
         except Exception as e:  # noqa: BLE001 (a failing part must not hide the other's numbers)

@@ -19,7 +19,7 @@ Shakespeare + Pride and Prejudice texts of --data (a folder holding them anywher
 copy in .gpu/data), for --minutes of training (steps set from a short calibration run, capped at --max-epochs passes
 over the text); validation loss curve to benchmarks/train_val_loss.png and the final value to train.md.
 """
-import argparse, datetime, gc, json, os, platform, statistics, sys, tempfile, time, traceback
+import argparse, datetime, gc, os, platform, statistics, sys, tempfile, time, traceback
 from pathlib import Path
 
 if "--smoke" in sys.argv: os.environ.setdefault("TRITON_INTERPRET", "1")   # Triton kernels in the CPU interpreter
@@ -28,7 +28,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_model import build, timed  # noqa: E402  (same weights in HF and ours; CUDA-event timing)
+from bench_model import build, profile_table, timed  # noqa: E402  (same weights in HF and ours; timing, profiles)
 from qwen3_scratch.model.config import ModelConfig  # noqa: E402
 from qwen3_scratch.model.transformer import Qwen3Model  # noqa: E402
 from qwen3_scratch.training.logger import flops_per_token, peak_flops, read_metrics  # noqa: E402
@@ -71,33 +71,6 @@ def train_step_fn(m, ids, labels, precision: str, device, is_hf: bool):
     return f
 
 
-def cpu_timed(fn, warmup, reps):
-    for _ in range(warmup): fn()
-    out = []
-    for _ in range(reps):
-        t = time.perf_counter(); fn(); out.append((time.perf_counter() - t) * 1e3)
-    return out
-
-
-def profile_table(fn, device, rows: int = 15, steps: int = 3) -> list[str]:
-    "Markdown rows of the top kernels (device time) over `steps` steps of `fn`."
-    from torch.profiler import ProfilerActivity, profile
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    fn()
-    with profile(activities=acts) as prof:
-        for _ in range(steps): fn()
-        if device.type == "cuda": torch.cuda.synchronize()
-    ev = prof.key_averages()
-    dev_attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    total = sum(getattr(e, dev_attr, 0) for e in ev) or 1
-    top = sorted(ev, key=lambda e: -getattr(e, dev_attr, 0))[:rows]
-    out = ["| kernel / op | self time per step (ms) | share | calls per step |", "|---|---:|---:|---:|"]
-    for e in top:
-        t = getattr(e, dev_attr, 0)
-        out.append(f"| `{e.key[:90].replace('|', '/')}` | {t / steps / 1e3:.2f} | {t / total:.1%} | {e.count / steps:.0f} |")
-    return out
-
-
 def throughput(a) -> list[str]:
     smoke = a.smoke
     cuda = torch.cuda.is_available() and not smoke
@@ -129,7 +102,7 @@ def throughput(a) -> list[str]:
     prof_name = a.profile or ("ours, Triton kernels" if smoke else "ours, Triton kernels + torch.compile per layer")
     # one variant at a time (its own weights copy and AdamW state), freed before the next: 0.6B x 5 would not fit in amp
     times, mem, errors, prof = {}, {}, {}, None
-    tm = timed if cuda else cpu_timed
+    tm = timed
     reps = 1 if smoke else a.reps
     for name, make in variants.items():
         m = fn = None
@@ -142,7 +115,7 @@ def throughput(a) -> list[str]:
             mem[name] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
             print(f"{name}: median {statistics.median(times[name]):.1f} ms", flush=True)
             if name == prof_name:
-                try: prof = profile_table(fn, device, steps=1 if smoke else 3)
+                try: prof = profile_table(fn, steps=1 if smoke else 3)
                 except Exception as e: prof = [f"profiler failed: {type(e).__name__}: {e}"]
         except Exception as e:   # a variant that does not build or run is reported, not fatal
             errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"; traceback.print_exc()
@@ -151,7 +124,7 @@ def throughput(a) -> list[str]:
     fpt = flops_per_token(cfg, S)
     ntok = B * S
     gpu = torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or 'unknown'}), smoke"
-    lines = [f"## (a) Throughput: one training step, Qwen3-0.6B shape" if not smoke else "## (a) Throughput (smoke: tiny shape on the CPU)", "",
+    lines = ["## (a) Throughput: one training step, Qwen3-0.6B shape" if not smoke else "## (a) Throughput (smoke: tiny shape on the CPU)", "",
              f"- device: {gpu}; date: {datetime.date.today()}; torch {torch.__version__}; transformers {transformers.__version__}",
              f"- command: `python benchmarks/bench_train.py {' '.join(sys.argv[1:])}`",
              f"- model: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {cfg.num_attention_heads}/{cfg.num_key_value_heads} heads "
@@ -171,7 +144,7 @@ def throughput(a) -> list[str]:
         gib = f"{mem[name]:.1f}" if mem[name] is not None else ""
         lines.append(f"| {name} | {ms:.1f} | {tps:,.0f} | {ratio} | {mf} | {gib} |")
     if prof:
-        lines += ["", f"### Where the time goes: {prof_name} (torch.profiler, self time per step; on a GPU: device time)", ""] + prof
+        lines += ["", f"### Where the time goes: {prof_name} (torch.profiler: GPU kernels on a GPU, CPU ops on the CPU)", ""] + prof
     return lines
 
 
