@@ -9,7 +9,8 @@ Block: one MoE feed-forward, forward + backward, bf16, 64 experts top-8, hidden 
 transformers 5.17 has two expert implementations: "eager" (a Python loop over the experts that got tokens, what a
 bare `Qwen3MoeSparseMoeBlock` runs) and "grouped_mm" (what `from_config` / `from_pretrained` pick on a GPU); both
 are timed. Ours: the same block with PyTorch permutation ops or the Triton dispatch/combine kernels, experts as two
-`torch._grouped_mm` calls, and the Triton variant under torch.compile.
+`torch._grouped_mm` calls, and the Triton variant under torch.compile; in the model, also the Triton variant with each
+decoder layer's forward and backward replayed as CUDA graphs (`cuda_graph_layers`, nbs/36_cuda_graphs).
 Model: a 12-layer model of the same MoE shape (16 Q / 8 KV heads of 128, vocab 151936, untied), one training step
 (forward + backward of the LM loss) on B4 x S2048; tokens/s and MFU of the active parameters against the GPU's dense
 bf16 datasheet peak. Every number is the median over --rounds interleaved rounds of --reps timed calls (CUDA events,
@@ -57,14 +58,17 @@ def hf_config(cfg: ModelConfig, experts_impl: str):
 
 
 def interleave(impls: dict, make, warmup: int, reps: int, rounds: int, device: str) -> tuple[dict, dict]:
-    "Median ms and peak GiB of each implementation, rounds interleaved so drift hits all alike."
+    """Median ms of each implementation, rounds interleaved so drift hits all alike, and the GiB its step takes above
+    what was resident before it (weights; a graphed model adds its graphs' memory, which stays between steps)."""
     times, mem = {k: [] for k in impls}, {}
     for r in range(rounds):
         for name, m in impls.items():
             gc.collect()
-            if device == "cuda": torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
+            if device == "cuda": torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats(); base = torch.cuda.memory_allocated()
             times[name] += timed(make(m), warmup if r == 0 else 1, reps)
-            if device == "cuda": mem[name] = max(mem.get(name, 0.0), torch.cuda.max_memory_allocated() / 2**30)
+            if device == "cuda":
+                peak = (torch.cuda.max_memory_allocated() - base) / 2**30 + getattr(m, "graph_gib", 0.0)
+                mem[name] = max(mem.get(name, 0.0), peak)
         print(f"round {r + 1} done", flush=True)
     return {k: statistics.median(v) for k, v in times.items()}, mem
 
@@ -121,7 +125,7 @@ def bench_block(a, device, dtype):
     if a.profile and "ours, Triton dispatch/combine" in impls:
         rows += ["", "Where the time goes in `ours, Triton dispatch/combine` (torch.profiler, GPU kernels):", ""]
         rows += profile_table(fwd_bwd(impls["ours, Triton dispatch/combine"]))
-    return ["| benchmark | implementation | median ms | expert TFLOP/s | vs HF eager | vs HF grouped_mm | peak GiB |",
+    return ["| benchmark | implementation | median ms | expert TFLOP/s | vs HF eager | vs HF grouped_mm | step GiB |",
             "|---|---|---:|---:|---:|---:|---:|"] + rows
 
 
@@ -133,16 +137,25 @@ def bench_model(a, device, dtype, peak):
     with torch.device(device): hf = Qwen3MoeForCausalLM(hf_config(cfg, "grouped_mm")).to(dtype)
     sd = {k.removeprefix("model."): v for k, v in hf.state_dict().items()}
 
-    def ours(kernels: str, compile_layers: bool = False) -> Qwen3Model:
+    def ours(kernels: str, compile_layers: bool = False, graphs: bool = False) -> Qwen3Model:
         with torch.device("meta"): m = Qwen3Model(cfg.replace(kernels=kernels))
         m.load_state_dict(sd, assign=True, strict=True)  # shares HF's storage: identical weights
         m.rotary_emb.inv_freq = torch.empty(cfg.head_dim // 2, device=device)
         m.rotary_emb.reset_parameters()
         if compile_layers:  # fixed training shapes: no symbolic sizes
             for layer in m.layers: layer.compile(dynamic=False)
-        return m.train()
+        m.train()
+        if graphs:  # each layer's forward and backward recorded once, replayed with one launch each
+            from qwen3_scratch.training.cuda_graphs import cuda_graph_layers
+            gc.collect(); torch.cuda.empty_cache()
+            r0 = torch.cuda.memory_reserved()
+            m.graphs = cuda_graph_layers(m, B, T)
+            gc.collect(); torch.cuda.empty_cache()  # what stays reserved is the graphs' own: pool and static tensors
+            m.graph_gib = (torch.cuda.memory_reserved() - r0) / 2**30
+        return m
     impls = {"transformers (grouped_mm experts, sdpa)": hf.train(), "ours, PyTorch ops": ours("torch")}
     if device == "cuda" or a.smoke: impls["ours, Triton kernels"] = ours("triton")
+    if device == "cuda": impls["ours, Triton kernels + CUDA graphs per layer"] = ours("triton", graphs=True)
     if device == "cuda" and not a.no_compile:
         impls["ours, Triton kernels + torch.compile per layer"] = ours("triton", compile_layers=True)
     g = torch.Generator(device=device).manual_seed(1)
@@ -155,6 +168,12 @@ def bench_model(a, device, dtype, peak):
             lo = m(ids[:, :128], labels=labels[:, :128]).loss.float()
             print(f"model loss: transformers {lh.item():.5f}, {name} {lo.item():.5f}")
             assert abs(lo - lh) < 2e-2 * lh + cfg.router_aux_loss_coef * 4, f"{name}: loss {lo.item()} vs transformers {lh.item()}"
+        gm = impls.get("ours, Triton kernels + CUDA graphs per layer")
+        if gm is not None:  # the shape above ran eagerly; the recorded shape replays the graphs
+            le = impls["ours, Triton kernels"](ids, labels=labels).loss.float()
+            lg = gm(ids, labels=labels).loss.float()
+            print(f"model loss B{B} x S{T}: eager {le.item():.5f}, graphed {lg.item():.5f} ({gm.graphs.replayed} layer replays)")
+            assert gm.graphs.replayed == cfg.num_hidden_layers and abs(lg - le) < 1e-3 * le, (le.item(), lg.item())
 
     def step(m):
         def f():
@@ -180,7 +199,7 @@ def bench_model(a, device, dtype, peak):
             f"{cfg.active_params_estimate() / 1e9:.3f}B active; {fpt / 1e9:.2f} GFLOP per token (6·N_active + attention). "
             "transformers' step is the LM loss only (its balancing loss needs output_router_logits=True); ours includes "
             "the global-batch balancing loss (router_aux_loss_coef · aux).", "",
-            "| phase | implementation | median ms | tokens/s | MFU | vs transformers | peak GiB |",
+            "| phase | implementation | median ms | tokens/s | MFU | vs transformers | step GiB |",
             "|---|---|---:|---:|---:|---:|---:|"]
     return head + rows
 
@@ -209,7 +228,9 @@ def main():
     lines = ["# Qwen3-MoE: ours vs transformers", "",
              f"- GPU: {gpu}; date: {datetime.date.today()}; torch {torch.__version__}; transformers {transformers.__version__}",
              f"- command: `python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:])}`".rstrip(),
-             f"- {dtype}; same weights everywhere; median of {a.rounds} interleaved rounds x {a.reps} timed calls after warm-up", ""]
+             f"- {dtype}; same weights everywhere; median of {a.rounds} interleaved rounds x {a.reps} timed calls after warm-up",
+             "- step GiB: the GPU memory a step takes above what was resident before it (the shared weights and inputs); "
+             "for the CUDA-graph row, plus the graphs' own memory, which stays reserved between steps", ""]
     for part, fn in (("block", lambda: bench_block(a, device, dtype)),
                      ("model", lambda: bench_model(a, device, dtype, peak))):
         if part not in a.only: continue

@@ -19,6 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from qwen3_scratch.model.config import ModelConfig  # noqa: E402
 from qwen3_scratch.model.vision.encoder import VisionModel  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_model import profile_table  # noqa: E402
+
 # transformers' Qwen3VLVisionConfig defaults = Qwen3-VL-8B's vision tower (out_hidden_size = the 8B LM width, 4096)
 REAL = dict(vision_hidden_size=1152, vision_num_hidden_layers=27, vision_num_attention_heads=16, vision_intermediate_size=4304,
             vision_patch_size=16, vision_temporal_patch_size=2, vision_image_size=768, vision_deepstack_layers=[8, 16, 24],
@@ -38,7 +41,18 @@ def hf_config(c: ModelConfig):
                                deepstack_visual_indexes=c.vision_deepstack_layers)
 
 
-def build(cfg: ModelConfig, dev, dtype, with_triton: bool, compile_blocks: bool = False):
+def graph_runner():
+    "Run a model through CUDA graphs of its forward and backward, recorded on the first call of each image grid."
+    from qwen3_scratch.training.cuda_graphs import cuda_graph_vision
+    graphs = {}
+    def run(m, px, g):
+        key = str(torch.as_tensor(g).tolist())
+        if key not in graphs: graphs[key] = cuda_graph_vision(m, g)
+        return graphs[key](px, g)
+    return run
+
+
+def build(cfg: ModelConfig, dev, dtype, with_triton: bool, compile_blocks: bool = False, graphs: bool = False):
     "HF model(s) and ours, all with the same weights: {name: (model, runner)}."
     from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
     hcfg = hf_config(cfg)
@@ -52,14 +66,16 @@ def build(cfg: ModelConfig, dev, dtype, with_triton: bool, compile_blocks: bool 
         if ref is None: ref = hf.state_dict()
         else: hf.load_state_dict(ref)
         models[f"transformers ({impl})"] = (hf, lambda m, px, g: (lambda o: (o.pooler_output, o.deepstack_features))(m(px, grid_thw=g)))
-    kinds = [("torch", False)] + ([("triton", False)] if with_triton else []) + ([("torch", True)] if compile_blocks else [])
-    for k, comp in kinds:
+    kinds = ([("torch", False, False)] + ([("triton", False, False)] if with_triton else []) +
+             ([("torch", True, False)] if compile_blocks else []) + ([("torch", compile_blocks, True)] if graphs else []))
+    for k, comp, graph in kinds:
         ours = VisionModel(cfg.replace(kernels=k)).to(dev, dtype).train()
         ours.load_state_dict(ref)
-        if comp:  # each ViT block compiled (fixed shapes): LayerNorm, GELU, RoPE and the residuals fused around the GEMMs
-            for blk in ours.blocks: blk.compile(dynamic=False)
+        if comp:  # each ViT block and merger compiled (fixed shapes): LayerNorm, GELU, RoPE, residuals fused around GEMMs
+            for mod in [*ours.blocks, ours.merger, *ours.deepstack_merger_list]: mod.compile(dynamic=False)
         label = ("PyTorch ops" if k == "torch" else "Triton kernels") + (" + torch.compile per block" if comp else "")
-        models[f"ours ({label})"] = (ours, lambda m, px, g: m(px, g))
+        label += " + CUDA graph" if graph else ""
+        models[f"ours ({label})"] = (ours, graph_runner() if graph else lambda m, px, g: m(px, g))
     return models
 
 
@@ -87,7 +103,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="tiny config on CPU, fp32, no file written (< 1 min)")
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--no-compile", action="store_true", help="leave out the torch.compile row")
+    ap.add_argument("--no-compile", action="store_true", help="leave out torch.compile (the graph row then records eager blocks)")
+    ap.add_argument("--no-graph", action="store_true", help="leave out the CUDA-graph row")
+    ap.add_argument("--profile", action="store_true", help="add a torch.profiler table of the fastest of ours per resolution")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--batch-448", type=int, default=16, help="images of 448x448 per step (784 patches each)")
     ap.add_argument("--batch-896", type=int, default=4, help="images of 896x896 per step (3136 patches each)")
@@ -102,9 +120,10 @@ def main():
     P = cfg.vision_patch_size
     cases = [(64, 2), (128, 1)] if args.smoke else [(448, args.batch_448), (896, args.batch_896)]
     if args.smoke: args.warmup, args.iters = 1, 2
-    models = build(cfg, dev, dtype, with_triton=dev == "cuda", compile_blocks=dev == "cuda" and not args.no_compile)
+    models = build(cfg, dev, dtype, with_triton=dev == "cuda", compile_blocks=dev == "cuda" and not args.no_compile,
+                   graphs=dev == "cuda" and not args.no_graph)
 
-    rows, g = [], torch.Generator().manual_seed(0)
+    rows, profiles, g = [], [], torch.Generator().manual_seed(0)
     for res, n in cases:
         side = res // P
         grid = torch.tensor([[1, side, side]] * n, device=dev)  # as the processor's output after .to(device)
@@ -113,9 +132,9 @@ def main():
         weights = [torch.randn(ntok, cfg.hidden_size, generator=g).to(dev) for _ in range(1 + len(cfg.vision_deepstack_layers))]
         outs, res_row = {}, {}
         for name, (m, run) in models.items():
-            def fn(): m.zero_grad(set_to_none=True); return step(m, run, px, grid, weights)
+            def fn(m=m, run=run): m.zero_grad(set_to_none=True); return step(m, run, px, grid, weights)
+            if dev == "cuda": torch.cuda.reset_peak_memory_stats()  # from the first call: a CUDA graph's memory is taken there
             outs[name] = fn()
-            if dev == "cuda": torch.cuda.reset_peak_memory_stats()
             t = timeit(fn, args.warmup, args.iters, dev)
             mem = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else float("nan")
             res_row[name] = (t, mem)
@@ -123,6 +142,11 @@ def main():
         ref = outs["transformers (sdpa)"]
         errs = {name: max(float((a.float() - b.float()).norm() / b.float().norm()) for a, b in zip(o, ref)) for name, o in outs.items()}
         rows.append((res, n, n * side * side, res_row, errs))
+        if args.profile:
+            best = min((k for k in res_row if k.startswith("ours")), key=lambda k: res_row[k][0])
+            m, run = models[best]
+            profiles.append(f"Where the time goes in `{best}` at {res}×{res} (torch.profiler, GPU kernels per step):\n\n" +
+                            "\n".join(profile_table(lambda: (m.zero_grad(set_to_none=True), step(m, run, px, grid, weights)))))
 
     base = "transformers (sdpa)"
     names = list(models)
@@ -153,13 +177,15 @@ random projection of the merged tokens and the three DeepStack features. Median 
   embedding as one GEMM.
 - ours (Triton kernels): `kernels="triton"` — our FlashAttention-2 with `causal=False` and `cu_seqlens` over all images in
   one launch, reading q/k/v as strided views of the qkv projection, after our fused RoPE kernel.
-- ours (PyTorch ops + torch.compile per block): the PyTorch-ops model with each ViT block `torch.compile`d.
+- ours (PyTorch ops + torch.compile per block): the PyTorch-ops model with each ViT block and merger `torch.compile`d.
+- ours (... + CUDA graph): that model's whole forward and backward recorded once per image grid and replayed
+  (`cuda_graph_vision`, `nbs/36_cuda_graphs`); its peak memory counts the recording.
 
 {gpu}, {datetime.date.today()}, torch {torch.__version__}, triton {triton.__version__}, transformers {transformers.__version__}.
 Command: `python benchmarks/bench_vision.py{" " + " ".join(sys.argv[1:]) if sys.argv[1:] else ""}`.
 
 {table}
-"""
+""" + "".join(f"\n{p}\n" for p in profiles)
     Path(args.out).write_text(text)
     print("wrote", args.out)
 

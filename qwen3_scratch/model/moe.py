@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.utils import use_triton
+from ..kernels.utils import autocast_inputs, use_triton
 from .config import ModelConfig
 from .ffn import swiglu
 
@@ -73,10 +73,10 @@ class Experts(nn.Module):
         return torch.cat(ys) if ys else x_sorted.new_zeros(x_sorted.shape)
 
     def _grouped(self, x_sorted, counts):
-        # NOTE: not yet run on a GPU; checked on the CPU in float32 only (torch >= 2.13 has a CPU kernel)
         I, offs = self.intermediate_size, counts.cumsum(0).to(torch.int32)  # (E,) end row of each expert
-        gu = torch._grouped_mm(x_sorted, self.gate_up_proj.transpose(1, 2), offs=offs)  # (N, d) x (E, d, 2I) -> (N, 2I)
-        return torch._grouped_mm(swiglu(gu[:, :I], gu[:, I:]), self.down_proj.transpose(1, 2), offs=offs)  # (N, d)
+        w_gu, w_d = (w.to(x_sorted.dtype) for w in (self.gate_up_proj, self.down_proj))  # float32 master weights: cast
+        gu = torch._grouped_mm(x_sorted, w_gu.transpose(1, 2), offs=offs)  # (N, d) x (E, d, 2I) -> (N, 2I)
+        return torch._grouped_mm(swiglu(gu[:, :I], gu[:, I:]), w_d.transpose(1, 2), offs=offs)  # (N, d)
 
 # %% ../../nbs/05_moe.ipynb #d058c6a7
 def _check_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int):
@@ -217,6 +217,7 @@ class SparseMoeBlock(nn.Module):
     def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None):  # x: (..., d)
         shape, E, k = x.shape, self.num_experts, self.top_k
         x = x.reshape(-1, shape[-1])  # (N, d)
+        x, = autocast_inputs(x)  # under autocast, bf16 as a linear layer's input: the grouped GEMMs need it, dispatch moves half
         top_w, top_i, _, probs = self.gate(x)  # (N, k), (N, k), _, (N, E)
         x_sorted, sorted_pos, counts, offsets = dispatch(x, top_i, E, self.kernels)  # (N*k, d)
         routed, dropped = counts, counts.new_zeros(())  # (E,) copies routed to each expert, before any dropping
@@ -245,7 +246,7 @@ class SparseMoeBlock(nn.Module):
         f = torch.zeros(E, device=probs.device).index_add_(0, top_i.reshape(-1), m.repeat_interleave(k))
         return MoEStats(f, (probs * m[:, None]).sum(0), m.sum(), load, dropped)
 
-# %% ../../nbs/05_moe.ipynb #4bbc7e31
+# %% ../../nbs/05_moe.ipynb #1713b782
 def pack_router_stats(stats: list[MoEStats]) -> torch.Tensor:
     "[sum f, sum P, rows] of several layers as one (2E+1,) float32 vector (what ranks all-reduce)."
     f = torch.stack([s.tokens_per_expert for s in stats]).sum(0)  # (E,)
