@@ -52,7 +52,8 @@ def graph_runner():
     return run
 
 
-def build(cfg: ModelConfig, dev, dtype, with_triton: bool, compile_blocks: bool = False, graphs: bool = False):
+def build(cfg: ModelConfig, dev, dtype, with_triton: bool, compile_blocks: bool = False, graphs: bool = False,
+          compile_mode: str | None = None):
     "HF model(s) and ours, all with the same weights: {name: (model, runner)}."
     from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
     hcfg = hf_config(cfg)
@@ -72,7 +73,7 @@ def build(cfg: ModelConfig, dev, dtype, with_triton: bool, compile_blocks: bool 
         ours = VisionModel(cfg.replace(kernels=k)).to(dev, dtype).train()
         ours.load_state_dict(ref)
         if comp:  # each ViT block and merger compiled (fixed shapes): LayerNorm, GELU, RoPE, residuals fused around GEMMs
-            for mod in [*ours.blocks, ours.merger, *ours.deepstack_merger_list]: mod.compile(dynamic=False)
+            for mod in [*ours.blocks, ours.merger, *ours.deepstack_merger_list]: mod.compile(dynamic=False, mode=compile_mode)
         label = ("PyTorch ops" if k == "torch" else "Triton kernels") + (" + torch.compile per block" if comp else "")
         label += " + CUDA graph" if graph else ""
         models[f"ours ({label})"] = (ours, graph_runner() if graph else lambda m, px, g: m(px, g))
@@ -105,6 +106,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--no-compile", action="store_true", help="leave out torch.compile (the graph row then records eager blocks)")
     ap.add_argument("--no-graph", action="store_true", help="leave out the CUDA-graph row")
+    ap.add_argument("--compile-mode", default=None, help="torch.compile mode of the blocks, e.g. max-autotune-no-cudagraphs")
+    ap.add_argument("--only-896", action="store_true", help="time 896x896 only")
     ap.add_argument("--profile", action="store_true", help="add a torch.profiler table of the fastest of ours per resolution")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--batch-448", type=int, default=16, help="images of 448x448 per step (784 patches each)")
@@ -119,9 +122,10 @@ def main():
     cfg = ModelConfig(vision_enabled=True, num_hidden_layers=3, **(SMOKE if args.smoke else REAL))
     P = cfg.vision_patch_size
     cases = [(64, 2), (128, 1)] if args.smoke else [(448, args.batch_448), (896, args.batch_896)]
+    if args.only_896: cases = cases[1:]
     if args.smoke: args.warmup, args.iters = 1, 2
     models = build(cfg, dev, dtype, with_triton=dev == "cuda", compile_blocks=dev == "cuda" and not args.no_compile,
-                   graphs=dev == "cuda" and not args.no_graph)
+                   graphs=dev == "cuda" and not args.no_graph, compile_mode=args.compile_mode)
 
     rows, profiles, g = [], [], torch.Generator().manual_seed(0)
     for res, n in cases:
