@@ -104,7 +104,7 @@ def _same_autocast(dtype) -> bool:
 @dataclass
 class LayerGraphs(Replays):
     "The graphs `cuda_graph_layers` installed in a model's decoder layers; `remove()` puts the eager layers back."
-    model: Qwen3Model | None = None
+    model: Qwen3Model | None = field(default=None, repr=False)
     shape: tuple = ()  # (B, T, d) of the hidden states the graphs take
     rope_shape: tuple = ()  # (B, T, head_dim) of cos and sin
     dtype: torch.dtype | None = None  # of the hidden states
@@ -176,11 +176,11 @@ class VisionTensors(nn.Module):
 @dataclass
 class VisionGraph(Replays):
     "A vision encoder whose training forward and backward on one image grid replay as two CUDA graphs; call it like the model."
-    model: VisionModel | None = None
+    model: VisionModel | None = field(default=None, repr=False)
     grid: list = field(default_factory=list)  # [[t, h, w], ...] the graphs were recorded for
     shape: tuple = ()  # of pixel_values
     autocast_dtype: torch.dtype | None = None
-    graphed: object = None
+    graphed: object = field(default=None, repr=False)
 
     def __call__(self, pixel_values: torch.Tensor, grid_thw) -> tuple[torch.Tensor, list[torch.Tensor]]:
         grid = torch.as_tensor(grid_thw).view(-1, 3).tolist()  # a host read when the grid is on the GPU (as the model's)
