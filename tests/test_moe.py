@@ -259,6 +259,29 @@ def test_cuda_bf16_grouped_matches_loop(kernels, drop):
     assert outs[True][6].item() == outs[False][6].item() and (drop or outs[True][6].item() == 0)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA bf16 grouped GEMM: needs a GPU")
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_cuda_autocast_takes_grouped_path(kernels, monkeypatch):
+    "float32 weights under bf16 autocast (how scripts/train.py trains) equal the bf16 block, on the grouped GEMMs."
+    if kernels == "triton": pytest.importorskip("triton")
+    from qwen3_scratch.model.moe import Experts
+    x0 = torch.randn(2048, 48, generator=torch.Generator().manual_seed(5)).cuda()
+    dy = torch.randn(2048, 48, generator=torch.Generator().manual_seed(6)).cuda().bfloat16()
+    m32 = block(kernels=kernels).cuda()
+    m16 = block(kernels=kernels).cuda().to(torch.bfloat16)  # same seed: the same weights, rounded to bf16
+    def no_loop(*a): raise AssertionError("the per-expert loop ran: its counts.tolist() stalls the GPU every layer")
+    monkeypatch.setattr(Experts, "_loop", no_loop)
+    outs = []
+    for m, x, amp in ((m32, x0.clone().requires_grad_(), True), (m16, x0.bfloat16().requires_grad_(), False)):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            out, _ = m(x)
+        out.backward(dy)
+        outs.append((out, x.grad, *(q.grad for q in m.parameters())))
+    assert outs[0][0].dtype == torch.bfloat16
+    for a, c in zip(*outs):
+        assert ((a.float() - c.float()).norm() / c.float().norm()).item() < 1e-2
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 HF parity on the GPU")
 def test_cuda_bf16_model_matches_hf():
     "Qwen3MoeForCausalLM (grouped_mm experts) and ours on the same weights in bf16 on a GPU: same logits and loss."
