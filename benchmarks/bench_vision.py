@@ -73,7 +73,8 @@ def build(cfg: ModelConfig, dev, dtype, with_triton: bool, compile_blocks: bool 
         ours = VisionModel(cfg.replace(kernels=k)).to(dev, dtype).train()
         ours.load_state_dict(ref)
         if comp:  # each ViT block and merger compiled (fixed shapes): LayerNorm, GELU, RoPE, residuals fused around GEMMs
-            for mod in [*ours.blocks, ours.merger, *ours.deepstack_merger_list]: mod.compile(dynamic=False, mode=compile_mode)
+            from qwen3_scratch.training.cuda_graphs import compile_vision
+            compile_vision(ours, mode=compile_mode)
         label = ("PyTorch ops" if k == "torch" else "Triton kernels") + (" + torch.compile per block" if comp else "")
         label += " + CUDA graph" if graph else ""
         models[f"ours ({label})"] = (ours, graph_runner() if graph else lambda m, px, g: m(px, g))
@@ -106,7 +107,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--no-compile", action="store_true", help="leave out torch.compile (the graph row then records eager blocks)")
     ap.add_argument("--no-graph", action="store_true", help="leave out the CUDA-graph row")
-    ap.add_argument("--compile-mode", default=None, help="torch.compile mode of the blocks, e.g. max-autotune-no-cudagraphs")
+    ap.add_argument("--compile-mode", default=None, help="torch.compile mode of the blocks instead of compile_vision's options, e.g. max-autotune-no-cudagraphs")
     ap.add_argument("--only-896", action="store_true", help="time 896x896 only")
     ap.add_argument("--profile", action="store_true", help="add a torch.profiler table of the fastest of ours per resolution")
     ap.add_argument("--iters", type=int, default=10)
@@ -181,7 +182,8 @@ random projection of the merged tokens and the three DeepStack features. Median 
   embedding as one GEMM.
 - ours (Triton kernels): `kernels="triton"` — our FlashAttention-2 with `causal=False` and `cu_seqlens` over all images in
   one launch, reading q/k/v as strided views of the qkv projection, after our fused RoPE kernel.
-- ours (PyTorch ops + torch.compile per block): the PyTorch-ops model with each ViT block and merger `torch.compile`d.
+- ours (PyTorch ops + torch.compile per block): the PyTorch-ops model with each ViT block and merger `torch.compile`d
+  by `compile_vision` ({"mode " + repr(args.compile_mode) if args.compile_mode else "inductor options `VISION_INDUCTOR_OPTIONS`: coordinate-descent tuning, multi-kernel reductions, no mix-order reduction; `nbs/36_cuda_graphs`"}).
 - ours (... + CUDA graph): that model's whole forward and backward recorded once per image grid and replayed
   (`cuda_graph_vision`, `nbs/36_cuda_graphs`); its peak memory counts the recording.
 

@@ -152,7 +152,11 @@ class VisionMLP(nn.Module):
         self.linear_fc2 = nn.Linear(config.vision_intermediate_size, config.vision_hidden_size, bias=True)
         self.approximate = "tanh" if config.vision_hidden_act == "gelu_pytorch_tanh" else "none"
 
-    def forward(self, x): return self.linear_fc2(F.gelu(self.linear_fc1(x), approximate=self.approximate))
+    def forward(self, x):
+        if torch.compiler.is_compiling():  # bias added in inductor's GELU kernel, not by cuBLAS (see below)
+            h = F.linear(x, self.linear_fc1.weight) + self.linear_fc1.bias
+        else: h = self.linear_fc1(x)
+        return self.linear_fc2(F.gelu(h, approximate=self.approximate))
 
 class VisionBlock(nn.Module):
     "Pre-LayerNorm ViT block: x + attn(norm1(x)), then + mlp(norm2(.))."
@@ -167,7 +171,7 @@ class VisionBlock(nn.Module):
         x = x + self.attn(self.norm1(x), cos, sin, cu_seqlens, seqlens)
         return x + self.mlp(self.norm2(x))
 
-# %% ../../../nbs/08_vision.ipynb #ec3cfde8
+# %% ../../../nbs/08_vision.ipynb #b338bec6
 class PatchMerger(nn.Module):
     "2x2 patches -> one token of the LM width: LayerNorm (before or after the concat), then MLP 4D -> 4D -> d."
     def __init__(self, config: ModelConfig, postshuffle_norm: bool = False):
@@ -182,7 +186,7 @@ class PatchMerger(nn.Module):
         x = self.norm(x.view(-1, self.in_dim)) if self.postshuffle_norm else self.norm(x).view(-1, self.in_dim)
         return self.linear_fc2(F.gelu(self.linear_fc1(x)))
 
-# %% ../../../nbs/08_vision.ipynb #b338bec6
+# %% ../../../nbs/08_vision.ipynb #8602a761
 class VisionModel(nn.Module):
     "Qwen3-VL's vision encoder: patches -> ViT -> merged visual tokens `(N/4, d)` and DeepStack features."
     def __init__(self, config: ModelConfig):
