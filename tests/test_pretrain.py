@@ -1,6 +1,6 @@
 """scripts/train.py pretrain end to end on CPU: exact resume after SIGKILL, a kill inside a checkpoint write, bad
 input (one clear error, exit 2), non-finite losses (skipped; N in a row stop with exit 3), and 2 gloo ranks that
-save and resume on 1."""
+save and resume on 1. On a host with 2 GPUs, the same over NCCL with the Triton kernels (DDP, FSDP2, resume on 1 GPU)."""
 import json, os, signal, subprocess, sys
 from pathlib import Path
 
@@ -163,3 +163,40 @@ def test_moe_logs_aux_loss_and_expert_load(tmp_path, corpus):
     rec = records(out)[-1]
     assert rec["aux_loss"] > 0 and rec["expert_balance"] >= 1 and abs(sum(rec["expert_share"]) - 1) < 1e-6
     assert "aux " in r.stdout
+
+
+GPU_MODEL = ("model_overrides={hidden_size: 256, num_hidden_layers: 4, num_attention_heads: 4, num_key_value_heads: 2, "
+             "head_dim: 64, intermediate_size: 512, kernels: triton}")
+
+
+def _gpu_count():
+    import torch
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@pytest.mark.skipif(_gpu_count() < 2, reason="needs 2 CUDA GPUs (NCCL); the gloo tests above cover the logic on CPU")
+def test_two_gpus_nccl_ddp_fsdp_resume_on_one(tmp_path, corpus):
+    "On 2 GPUs over NCCL, with the Triton kernels and bf16 autocast: DDP equals one GPU on the same global batches, and an FSDP2 checkpoint resumes on one GPU."
+    gpu = [sys.executable, str(ROOT / "scripts" / "train.py"), "pretrain", "--config", "pretrain_debug"]
+    tr = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *gpu[1:]]
+    def gargs(out, micro, extra=()):
+        base = [a for a in args(out, corpus, steps=6, ckpt=3) if not a.startswith("model_overrides")]
+        return [*base, GPU_MODEL, "train.grad_accum=1", f"train.micro_batch_size={micro}", *extra]
+    one, ddp, fsdp, back = (tmp_path / n for n in ("one", "ddp", "fsdp", "back"))
+    r = run(gargs(one, 4), cmd=gpu, env={"CUDA_VISIBLE_DEVICES": "0"}); assert r.returncode == 0, r.stderr[-3000:]
+    r = run(gargs(ddp, 2), cmd=tr); assert r.returncode == 0, r.stderr[-5000:]
+    r = run(gargs(fsdp, 2, ["train.data_parallel=fsdp", "export_hf=true"]), cmd=tr); assert r.returncode == 0, r.stderr[-5000:]
+    l1, l2, l3 = by_step(one), by_step(ddp), by_step(fsdp)
+    assert sorted(l1) == sorted(l2) == sorted(l3) == list(range(1, 7))
+    for s in range(1, 7):
+        assert l2[s][1] == l3[s][1], s                              # rank 0 saw the same windows under DDP and FSDP
+        for other in (l2, l3): assert abs(l1[s][0] - other[s][0]) < 2e-2 * l1[s][0], (s, l1[s], other[s])
+    assert json.loads((fsdp / "checkpoints" / "step_000003" / "COMPLETE").read_text())["world_size"] == 2
+    assert (fsdp / "hf" / "config.json").exists()
+    # the 2-GPU FSDP checkpoint of step 3 resumed on one GPU (DCP reshards), continuing to step 6
+    r = run(gargs(back, 4, ["--resume", str(fsdp / "checkpoints" / "step_000003")]), cmd=gpu,
+            env={"CUDA_VISIBLE_DEVICES": "0"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    lb = by_step(back)
+    assert sorted(lb) == [4, 5, 6]
+    for s in (4, 5, 6): assert abs(lb[s][0] - l3[s][0]) < 2e-2 * l3[s][0], (s, lb[s], l3[s])
