@@ -169,6 +169,9 @@ def main():
     if args.smoke: return
     import transformers, triton  # noqa: E401
     gpu = torch.cuda.get_device_name()
+    compiled_with = (f"mode {args.compile_mode!r}" if args.compile_mode else
+                     "inductor options `VISION_INDUCTOR_OPTIONS`: coordinate-descent tuning, multi-kernel reductions, "
+                     "no mix-order reduction; `nbs/36_cuda_graphs`")
     text = f"""# Vision encoder benchmark: forward + backward
 
 Qwen3-VL-8B's vision tower (transformers' `Qwen3VLVisionConfig` defaults: 27 blocks, width 1152, 16 heads of 72,
@@ -183,7 +186,7 @@ random projection of the merged tokens and the three DeepStack features. Median 
 - ours (Triton kernels): `kernels="triton"` — our FlashAttention-2 with `causal=False` and `cu_seqlens` over all images in
   one launch, reading q/k/v as strided views of the qkv projection, after our fused RoPE kernel.
 - ours (PyTorch ops + torch.compile per block): the PyTorch-ops model with each ViT block and merger `torch.compile`d
-  by `compile_vision` ({"mode " + repr(args.compile_mode) if args.compile_mode else "inductor options `VISION_INDUCTOR_OPTIONS`: coordinate-descent tuning, multi-kernel reductions, no mix-order reduction; `nbs/36_cuda_graphs`"}).
+  by `compile_vision` ({compiled_with}).
 - ours (... + CUDA graph): that model's whole forward and backward recorded once per image grid and replayed
   (`cuda_graph_vision`, `nbs/36_cuda_graphs`); its peak memory counts the recording.
 

@@ -176,7 +176,8 @@ def _gpu_count():
 
 @pytest.mark.skipif(_gpu_count() < 2, reason="needs 2 CUDA GPUs (NCCL); the gloo tests above cover the logic on CPU")
 def test_two_gpus_nccl_ddp_fsdp_resume_on_one(tmp_path, corpus):
-    "On 2 GPUs over NCCL, with the Triton kernels and bf16 autocast: DDP equals one GPU on the same global batches, and an FSDP2 checkpoint resumes on one GPU."
+    """On 2 GPUs over NCCL, with the Triton kernels and bf16 autocast: DDP and FSDP2 equal one GPU on the same global
+    batches, and the FSDP2 checkpoint resumes on one GPU."""
     gpu = [sys.executable, str(ROOT / "scripts" / "train.py"), "pretrain", "--config", "pretrain_debug"]
     tr = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *gpu[1:]]
     def gargs(out, micro, extra=()):
