@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from qwen3_scratch.data.dataset import PackedTextDataset, tokenize_to_shards  # noqa: E402
 from qwen3_scratch.data.tokenizer import Tokenizer  # noqa: E402
 
-DATA = Path(os.environ.get("QWEN3_SHARED_DATA", Path(__file__).resolve().parents[2]/"shared"/"data"))
+DATA = Path(os.environ.get("QWEN3_DATA_DIR") or Path(__file__).resolve().parents[2]/"shared"/"data")
 
 
 def cpu_model() -> str:
@@ -38,7 +38,7 @@ def main():
     a = ap.parse_args()
     torch.set_num_threads(1)
     files = [DATA/"pretrain"/"tinyshakespeare.txt", DATA/"pretrain"/"pride_and_prejudice.txt"]
-    if not all(f.exists() for f in files): sys.exit(f"{DATA}/pretrain is absent: set QWEN3_SHARED_DATA to the shared data folder")
+    if not all(f.exists() for f in files): sys.exit(f"{DATA}/pretrain is absent: set QWEN3_DATA_DIR to the shared data folder")
     mb = sum(len(f.read_text().encode()) for f in files) / 1e6
     tok = Tokenizer()
     tmp = Path(tempfile.mkdtemp())

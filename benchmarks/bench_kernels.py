@@ -231,7 +231,8 @@ def bench_flce(a, g, bw):
 
 
 def bench_moe(a, g, bw):
-    from qwen3_scratch.kernels.moe_dispatch import moe_combine, moe_combine_ref, moe_dispatch, moe_dispatch_ref
+    from qwen3_scratch.kernels.moe_dispatch import moe_combine, moe_dispatch
+    from qwen3_scratch.model.moe import moe_combine_ref, moe_dispatch_ref
     T, K, H, E = 8192, 8, 1024, 64
     x = rand(T, H, g=g, rg=True)
     idx = torch.stack([torch.randperm(E, device="cuda", generator=g)[:K] for _ in range(T)])

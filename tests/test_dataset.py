@@ -10,7 +10,7 @@ from qwen3_scratch.data.dataset import PackedTextDataset, split_documents, token
 from qwen3_scratch.data.tokenizer import Tokenizer
 from qwen3_scratch.model.attention import document_ids
 
-DATA = Path(os.environ.get("QWEN3_SHARED_DATA", Path(__file__).resolve().parents[2]/"shared"/"data"))
+DATA = Path(os.environ.get("QWEN3_DATA_DIR") or Path(__file__).resolve().parents[2]/"shared"/"data")
 SHAKESPEARE = DATA/"pretrain"/"tinyshakespeare.txt"
 EOS = "<|endoftext|>"
 DOCS = ["Hello world", "The quick brown fox.\n", "Ünïcödé ✓ and 漢字 " * 3, "a", "<|endoftext|> is text here",
@@ -111,7 +111,7 @@ def test_files_and_blank_lines(tok, tmp_path):
     assert (m1["n_docs"], m2["n_docs"]) == (2, 2)
 
 
-@pytest.mark.skipif(not SHAKESPEARE.exists(), reason=f"{SHAKESPEARE} is absent: set QWEN3_SHARED_DATA to the shared data folder")
+@pytest.mark.skipif(not SHAKESPEARE.exists(), reason=f"{SHAKESPEARE} is absent: set QWEN3_DATA_DIR to the shared data folder")
 def test_real_text_round_trip(tok, tmp_path):
     text = SHAKESPEARE.read_text()
     meta = tokenize_to_shards([SHAKESPEARE], tmp_path/"sh", tok, split_blank_lines=True, shard_chars=250_000,

@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['log', 'IGNORE_INDEX', 'BadRowCounter', 'pretrain_tokens', 'pretrain_blocks', 'chat_segments', 'sft_example',
-           'long_cot_messages', 'no_think_messages', 'fuse_thinking_modes', 'extract_gsm8k_answer', 'extract_boxed',
-           'normalize_answer', 'answers_match', 'grpo_query', 'parse_hh_transcript', 'hh_rlhf_pair',
+           'long_cot_messages', 'no_think_messages', 'fuse_thinking_modes', 'normalize_answer', 'answers_match',
+           'extract_gsm8k_answer', 'extract_boxed', 'grpo_query', 'parse_hh_transcript', 'hh_rlhf_pair',
            'ultrafeedback_pair', 'dpo_example']
 
 # %% ../../nbs/13_formatting.ipynb #a1f39a02
@@ -129,6 +129,7 @@ def no_think_messages(messages) -> list:
             break
     return out
 
+# %% ../../nbs/13_formatting.ipynb #9d5b3f70
 def _with_switch(messages, flag):
     out = [dict(m) for m in messages]
     for m in reversed(out):
@@ -149,25 +150,6 @@ def fuse_thinking_modes(thinking, non_thinking, ratio: float = 0.5, seed: int = 
 
 # %% ../../nbs/13_formatting.ipynb #a399f252
 _NUM = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)(/\d+)?$")
-
-def extract_gsm8k_answer(solution: str):
-    "The normalised number after GSM8K's `####`, or None."
-    if not isinstance(solution, str) or "####" not in solution: return None
-    ans = normalize_answer(solution.rsplit("####", 1)[1])
-    return ans if ans is not None and _NUM.match(ans) else None
-
-def extract_boxed(text: str):
-    "Content of the last `\\boxed{...}` (or `\\fbox{...}`) with balanced nested braces, or None."
-    if not isinstance(text, str): return None
-    starts = [m.end() for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text)]
-    if not starts:
-        m = re.findall(r"\\boxed ([^\s$]+)", text)   # `\boxed 5`
-        return m[-1] if m else None
-    i = starts[-1]; depth = 1
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0: return text[i:j].strip() or None
-    return None   # unbalanced
 
 def _frac(m):
     return f"{m.group(1)}/{m.group(2)}"
@@ -193,6 +175,27 @@ def answers_match(pred, ref) -> bool:
     p, r = normalize_answer(pred), normalize_answer(ref)
     return p is not None and p == r
 
+# %% ../../nbs/13_formatting.ipynb #5f2d8a60
+def extract_gsm8k_answer(solution: str):
+    "The normalised number after GSM8K's `####`, or None."
+    if not isinstance(solution, str) or "####" not in solution: return None
+    ans = normalize_answer(solution.rsplit("####", 1)[1])
+    return ans if ans is not None and _NUM.match(ans) else None
+
+def extract_boxed(text: str):
+    "Content of the last `\\boxed{...}` (or `\\fbox{...}`) with balanced nested braces, or None."
+    if not isinstance(text, str): return None
+    starts = [m.end() for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text)]
+    if not starts:
+        m = re.findall(r"\\boxed ([^\s$]+)", text)   # `\boxed 5`
+        return m[-1] if m else None
+    i = starts[-1]; depth = 1
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0: return text[i:j].strip() or None
+    return None   # unbalanced
+
+# %% ../../nbs/13_formatting.ipynb #9a4f2c18
 def grpo_query(question, solution, kind: str = "gsm8k"):
     "`{prompt, answer}` for GRPO from a GSM8K (`####`) or MATH (`\\boxed{}`) solution, or None if unparseable."
     if _clean_text(question) is None: return None
@@ -227,6 +230,7 @@ def hh_rlhf_pair(chosen: str, rejected: str, counter: BadRowCounter = None):
     counter.ok()
     return {"prompt": c[:-1], "chosen": c[-1]["content"], "rejected": r[-1]["content"]}
 
+# %% ../../nbs/13_formatting.ipynb #4e7a1b36
 def ultrafeedback_pair(row, seed: int = 0, score: str = "overall_score", counter: BadRowCounter = None):
     "`{prompt, chosen, rejected}` from an UltraFeedback row: best completion vs a random worse one; None if none is worse."
     counter = counter if counter is not None else BadRowCounter("ultrafeedback")
@@ -250,6 +254,7 @@ def ultrafeedback_pair(row, seed: int = 0, score: str = "overall_score", counter
     rng = random.Random(f"{seed}:{prompt}")   # per-row, so the choice does not depend on row order
     return {"prompt": [{"role": "user", "content": prompt}], "chosen": best[1], "rejected": rng.choice(worse)}
 
+# %% ../../nbs/13_formatting.ipynb #1c8e4f27
 def dpo_example(pair, tokenizer, max_seq_len: int):
     "Tokenised DPO pair: `{chosen_input_ids, chosen_labels, rejected_input_ids, rejected_labels}` (prompt masked), or None."
     out = {}

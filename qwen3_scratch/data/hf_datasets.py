@@ -30,6 +30,7 @@ class Source:
     local: str = None         # path under QWEN3_DATA_DIR (the same schema as the Hub rows)
     hub_files: object = None  # the files of a Hub repo to read, where its files do not share one schema
 
+# %% ../../nbs/14_hf_datasets.ipynb #0e6b4f19
 SOURCES = {
     # pretraining: everything has a `text` column
     "fineweb":      Source("HuggingFaceFW/fineweb", "text", "sample-10BT"),
@@ -56,6 +57,7 @@ SOURCES = {
     "llava_instruct": Source("liuhaotian/LLaVA-Instruct-150K", "llava", hub_files="llava_instruct_150k.json"),
 }
 
+# %% ../../nbs/14_hf_datasets.ipynb #8f3a2c65
 PRETRAIN_STAGES = {   # stage -> {source: weight}
     "general":   {"fineweb": 0.7, "slimpajama": 0.3},      # S1
     "reasoning": {"openwebmath": 0.5, "proofpile2": 0.5},  # S2: math and code
@@ -87,6 +89,7 @@ def resolve_data_files(data_files) -> list:
     if not out: raise FileNotFoundError(f"data_files={data_files!r} matches no file: pass an existing file, glob or directory")
     return out
 
+# %% ../../nbs/14_hf_datasets.ipynb #7c2f5e14
 def _builder(files) -> str:
     exts = {"".join(s for s in Path(f).suffixes if s not in (".gz", ".bz2", ".zst", ".xz")) for f in files}
     if exts <= {".txt", ".md", ""}: return "text"
@@ -102,6 +105,7 @@ def local_file(name: str, data_dir=None, split: str = None):
     p = Path(data_dir)/rel
     return str(p) if p.exists() else None
 
+# %% ../../nbs/14_hf_datasets.ipynb #4d9c1e76
 def raw_rows(name: str, data_files=None, data_dir=None, streaming: bool = True, split: str = None):
     "Rows of source `name` (a `SOURCES` key or a Hub id) from `data_files`, the local data dir, or the Hub."
     import datasets
@@ -148,6 +152,7 @@ def to_messages(row):
     if not any(m["role"] == "assistant" for m in msgs): return None
     return msgs
 
+# %% ../../nbs/14_hf_datasets.ipynb #2c4a8f61
 def to_grpo(row, kind: str = None):
     "`{prompt, answer}` from a GSM8K or MATH row, or None when the answer does not parse."
     q = _clean_text(row.get("question") or row.get("problem"))
@@ -192,6 +197,7 @@ def _take(it, max_samples):
         if max_samples is not None and i >= max_samples: return
         yield x
 
+# %% ../../nbs/14_hf_datasets.ipynb #5a1d7c38
 def load_pretrain_dataset(stage, tokenizer, max_seq_len: int, data_files=None, data_dir=None, seed: int = 0,
                           streaming: bool = True, max_samples=None, counter: BadRowCounter = None):
     "Blocks `{input_ids}` of `max_seq_len` tokens for pretraining `stage` (general|reasoning|long, or s1..s3, or a source name)."
@@ -203,6 +209,7 @@ def load_pretrain_dataset(stage, tokenizer, max_seq_len: int, data_files=None, d
     counter = counter if counter is not None else BadRowCounter(f"pretrain {stage}")
     return _take(pretrain_blocks(texts, tokenizer, max_seq_len, counter), max_samples)
 
+# %% ../../nbs/14_hf_datasets.ipynb #3b6e9d15
 def load_sft_dataset(variant, tokenizer, max_seq_len: int, max_samples=None, data_files=None, data_dir=None,
                      seed: int = 0, enable_thinking: bool = True, streaming: bool = True, counter: BadRowCounter = None):
     "SFT examples `{input_ids, labels}` (assistant-only labels) for `variant` (a key of SFT_VARIANTS or a source name)."
@@ -221,6 +228,7 @@ def load_sft_dataset(variant, tokenizer, max_seq_len: int, max_samples=None, dat
         counter.report()
     return _take(gen(), max_samples)
 
+# %% ../../nbs/14_hf_datasets.ipynb #9f7b3a20
 def load_grpo_dataset(max_samples=None, data_files=None, data_dir=None, split: str = None, seed: int = 0,
                       streaming: bool = True, mix: dict = None, counter: BadRowCounter = None):
     "GRPO queries `{prompt, answer}` (normalised answer) from GSM8K and MATH; unparseable answers are counted and skipped."
@@ -236,6 +244,7 @@ def load_grpo_dataset(max_samples=None, data_files=None, data_dir=None, split: s
         counter.report()
     return _take(gen(), max_samples)
 
+# %% ../../nbs/14_hf_datasets.ipynb #0e9a4c72
 def load_dpo_dataset(tokenizer, max_seq_len: int, max_samples=None, data_files=None, data_dir=None, seed: int = 0,
                      streaming: bool = True, tokenize: bool = True, mix: dict = None, counter: BadRowCounter = None):
     "DPO pairs from UltraFeedback and HH-RLHF: tokenised (`chosen_input_ids`, ... with prompt-masked labels) or raw messages."
@@ -277,6 +286,7 @@ def _row_images(row, image_root):
         else: return None, "unusable image entry"
     return out, None
 
+# %% ../../nbs/14_hf_datasets.ipynb #3e8a0c59
 def llava_messages(row, image_root=None):
     "A LLaVA row as `(messages, images, None)` with one vision placeholder per `<image>`, or `(None, None, reason)`."
     convs = row.get("conversations")
@@ -294,6 +304,7 @@ def llava_messages(row, image_root=None):
     if msgs is None: return None, None, "no usable messages"
     return msgs, images, None
 
+# %% ../../nbs/14_hf_datasets.ipynb #8f1b6d24
 def load_multimodal_dataset(tokenizer, max_seq_len: int, data_files=None, image_root=None, max_samples=None,
                             streaming: bool = True, seed: int = 0, data_dir=None, enable_thinking: bool = True,
                             source: str = "llava_instruct", counter: BadRowCounter = None):

@@ -10,6 +10,7 @@ import inspect
 
 import numpy as np
 import torch
+from fastcore.basics import patch
 
 # %% ../../nbs/12_sampler.ipynb #a8b0e9e2
 class ResumableSampler(torch.utils.data.Sampler):
@@ -43,24 +44,28 @@ class ResumableSampler(torch.utils.data.Sampler):
         "Samples left in the current epoch on this rank (all of them, unless resumed mid-epoch)."
         return self.num_samples - self.consumed
 
-    def advance(self, n: int):
-        "Record that the training loop has consumed `n` more samples of this rank."
-        if self.consumed + n > self.num_samples:
-            raise ValueError(f"advance({n}) passes the end of epoch {self.epoch} ({self.consumed} of {self.num_samples} "
-                             f"consumed): call set_epoch(epoch + 1) when an epoch's loader is exhausted")
-        self.consumed += n
+# %% ../../nbs/12_sampler.ipynb #6e1b9d47
+@patch
+def advance(self: ResumableSampler, n: int):
+    "Record that the training loop has consumed `n` more samples of this rank."
+    if self.consumed + n > self.num_samples:
+        raise ValueError(f"advance({n}) passes the end of epoch {self.epoch} ({self.consumed} of {self.num_samples} "
+                         f"consumed): call set_epoch(epoch + 1) when an epoch's loader is exhausted")
+    self.consumed += n
 
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed, "n": self.n,
-                "world_size": self.world_size, "shuffle": self.shuffle, "drop_last": self.drop_last}
+@patch
+def state_dict(self: ResumableSampler) -> dict:
+    return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed, "n": self.n,
+            "world_size": self.world_size, "shuffle": self.shuffle, "drop_last": self.drop_last}
 
-    def load_state_dict(self, state: dict):
-        "Continue from `state`; refuses one made for other data, seed or world size (the order would differ)."
-        for k in ("n", "seed", "world_size", "shuffle", "drop_last"):
-            if state[k] != getattr(self, k):
-                raise ValueError(f"sampler state has {k}={state[k]!r}, this sampler {k}={getattr(self, k)!r}: the "
-                                 f"resumed order would differ; build the sampler with the checkpoint's {k}")
-        self.epoch, self.consumed = state["epoch"], state["consumed"]
+@patch
+def load_state_dict(self: ResumableSampler, state: dict):
+    "Continue from `state`; refuses one made for other data, seed or world size (the order would differ)."
+    for k in ("n", "seed", "world_size", "shuffle", "drop_last"):
+        if state[k] != getattr(self, k):
+            raise ValueError(f"sampler state has {k}={state[k]!r}, this sampler {k}={getattr(self, k)!r}: the "
+                             f"resumed order would differ; build the sampler with the checkpoint's {k}")
+    self.epoch, self.consumed = state["epoch"], state["consumed"]
 
 # %% ../../nbs/12_sampler.ipynb #53b839c3
 class ResumableIterable(torch.utils.data.IterableDataset):
@@ -85,14 +90,18 @@ class ResumableIterable(torch.utils.data.IterableDataset):
         for j, item in enumerate(it):
             if j >= skip and (j - self.rank) % self.world_size == 0: yield item
 
-    def advance(self, n: int):
-        "Record that the training loop has consumed `n` more items of this rank."
-        self.consumed += n
+# %% ../../nbs/12_sampler.ipynb #2a9f6c31
+@patch
+def advance(self: ResumableIterable, n: int):
+    "Record that the training loop has consumed `n` more items of this rank."
+    self.consumed += n
 
-    def state_dict(self) -> dict: return {"epoch": self.epoch, "consumed": self.consumed, "world_size": self.world_size}
+@patch
+def state_dict(self: ResumableIterable) -> dict: return {"epoch": self.epoch, "consumed": self.consumed, "world_size": self.world_size}
 
-    def load_state_dict(self, state: dict):
-        if state["world_size"] != self.world_size:
-            raise ValueError(f"stream state was saved with world_size={state['world_size']}, this run has "
-                             f"{self.world_size}: the per-rank counts do not carry over; resume with the same world size")
-        self.epoch, self.consumed = state["epoch"], state["consumed"]
+@patch
+def load_state_dict(self: ResumableIterable, state: dict):
+    if state["world_size"] != self.world_size:
+        raise ValueError(f"stream state was saved with world_size={state['world_size']}, this run has "
+                         f"{self.world_size}: the per-rank counts do not carry over; resume with the same world size")
+    self.epoch, self.consumed = state["epoch"], state["consumed"]

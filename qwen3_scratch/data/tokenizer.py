@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import regex
+from fastcore.basics import patch
 
 # %% ../../nbs/10_tokenizer.ipynb #4766e7f2
 QWEN3_N_RANKS = 151_643       # byte-level BPE entries, ids 0..151642 (same table as Qwen2 / Qwen2.5)
@@ -36,6 +37,7 @@ def quicktok_data_path(name: str) -> Path:
                                 f"pip install --force-reinstall {QUICKTOK_PIN}")
     return path
 
+# %% ../../nbs/10_tokenizer.ipynb #5a8e1c37
 def read_quicktok_vocab(path) -> dict:
     "Read a quicktok `.vocab` file (u32 count; per entry u16 len, bytes, u32 id) into `{bytes: rank}`."
     data = Path(path).read_bytes()
@@ -51,6 +53,7 @@ def tiktoken_bpe_text(ranks: dict) -> bytes:
     "The `.tiktoken` text form of `ranks`: one line `base64(token) rank` per entry, sorted by rank."
     return b"".join(base64.b64encode(tok) + b" %d\n" % r for tok, r in sorted(ranks.items(), key=lambda kv: kv[1]))
 
+# %% ../../nbs/10_tokenizer.ipynb #9d4c2b6e
 def check_ranks(ranks: dict, expected: str = QWEN3_TIKTOKEN_SHA256, source: str = "ranks") -> str:
     "Check the sha256 of `ranks` in `.tiktoken` form; return it."
     got = hashlib.sha256(tiktoken_bpe_text(ranks)).hexdigest()
@@ -117,6 +120,7 @@ def special_token_splitter(allowed: frozenset):
     "A regex whose `split` alternates text and the special tokens in `allowed` (longest first)."
     return regex.compile("(" + "|".join(regex.escape(t) for t in sorted(allowed, key=len, reverse=True)) + ")")
 
+# %% ../../nbs/10_tokenizer.ipynb #8e1d6f3a
 @functools.lru_cache(maxsize=None)
 def bytes_to_unicode() -> dict:
     "GPT-2's map from each byte to a printable character, used to spell byte-level tokens in HF vocab files."
@@ -126,6 +130,7 @@ def bytes_to_unicode() -> dict:
         if b not in bs: bs.append(b); cs.append(256 + n); n += 1
     return {b: chr(c) for b, c in zip(bs, cs)}
 
+# %% ../../nbs/10_tokenizer.ipynb #1a7c5f29
 class _TiktokenBackend:
     "Qwen3's byte-level BPE via tiktoken: special tokens cut out, NFC, regex, BPE."
     name = "tiktoken"
@@ -140,19 +145,6 @@ class _TiktokenBackend:
         self.identity = {"ranks_sha256": QWEN3_TIKTOKEN_SHA256, "pat_str": QWEN2_PAT_STR, "normalizer": "NFC",
                          "special_tokens": self.special_tokens}
         self._u2b = {c: b for b, c in bytes_to_unicode().items()}
-    def encode(self, text, allowed):
-        if unicodedata.is_normalized("NFC", text) or not allowed:   # the common case: tiktoken does everything
-            return self.enc.encode(unicodedata.normalize("NFC", text), allowed_special=allowed, disallowed_special=())
-        # NFC can glue a special token's final ">" to a following combining mark ("<think>" + U+0338 -> "<think≯"):
-        # cut the special tokens out of the raw text first, as HF does, then normalise the text between them
-        parts = special_token_splitter(allowed).split(text)   # text, special, text, special, ..., text
-        return [i for k, part in enumerate(parts) for i in
-                ([self.special_tokens[part]] if k % 2 else self.enc.encode_ordinary(unicodedata.normalize("NFC", part)))]
-    def encode_batch(self, texts, allowed, num_threads):
-        if allowed and not all(unicodedata.is_normalized("NFC", t) for t in texts):
-            with ThreadPoolExecutor(num_threads) as ex: return list(ex.map(lambda t: self.encode(t, allowed), texts))
-        return self.enc.encode_batch([unicodedata.normalize("NFC", t) for t in texts], num_threads=num_threads,
-                                     allowed_special=allowed, disallowed_special=())
     def decode(self, ids): return self.enc.decode(ids, errors="replace")
     def id_to_bytes(self, i): return self.enc.decode_single_token_bytes(i)
     def id_to_token(self, i):
@@ -167,12 +159,26 @@ class _TiktokenBackend:
             token = bytes(self._u2b[c] for c in token)
         return self.enc.encode_single_token(token)   # KeyError unless `token` is one vocabulary entry
 
+# %% ../../nbs/10_tokenizer.ipynb #6d2b8f13
+@patch
+def encode(self: _TiktokenBackend, text, allowed):
+    if unicodedata.is_normalized("NFC", text) or not allowed:   # the common case: tiktoken does everything
+        return self.enc.encode(unicodedata.normalize("NFC", text), allowed_special=allowed, disallowed_special=())
+    # NFC can glue a special token's final ">" to a following combining mark ("<think>" + U+0338 -> "<think≯"):
+    # cut the special tokens out of the raw text first, as HF does, then normalise the text between them
+    parts = special_token_splitter(allowed).split(text)   # text, special, text, special, ..., text
+    return [i for k, part in enumerate(parts) for i in
+            ([self.special_tokens[part]] if k % 2 else self.enc.encode_ordinary(unicodedata.normalize("NFC", part)))]
+
+@patch
+def encode_batch(self: _TiktokenBackend, texts, allowed, num_threads):
+    if allowed and not all(unicodedata.is_normalized("NFC", t) for t in texts):
+        with ThreadPoolExecutor(num_threads) as ex: return list(ex.map(lambda t: self.encode(t, allowed), texts))
+    return self.enc.encode_batch([unicodedata.normalize("NFC", t) for t in texts], num_threads=num_threads,
+                                 allowed_special=allowed, disallowed_special=())
+
 # %% ../../nbs/10_tokenizer.ipynb #e6e8c770
 BACKENDS = ("tiktoken", "sentencepiece")
-
-def _ids_list(ids) -> list:
-    "A plain list of ints from a list, tuple, numpy array or torch tensor."
-    return ids.tolist() if hasattr(ids, "tolist") else list(ids)
 
 class Tokenizer:
     "Qwen3's tokenizer (`backend='tiktoken'`) or a SentencePiece model (`backend='sentencepiece'`), one interface."
@@ -184,28 +190,8 @@ class Tokenizer:
 
     def __repr__(self): return f"Tokenizer(backend={self.backend!r}, vocab_size={self.vocab_size})"
 
-    # ---- special tokens
     @property
     def special_tokens(self) -> dict: return dict(self._b.special_tokens)
-    def _special_id(self, token):
-        if token not in self._b.special_tokens:
-            fix = ("train the SentencePiece model with control_symbols=[...] holding it" if self.backend == "sentencepiece"
-                   else "Qwen3's special tokens are listed in QWEN3_SPECIAL_TOKENS")
-            raise KeyError(f"{token!r} is not a special token of this {self.backend} tokenizer: {fix}")
-        return self._b.special_tokens[token]
-    def _allowed(self, allowed_special) -> frozenset:
-        if isinstance(allowed_special, str):
-            if allowed_special == "all": return frozenset(self._b.special_tokens)
-            if allowed_special == "none": return frozenset()
-            raise ValueError(f"allowed_special={allowed_special!r}: use 'all', 'none' or a set of special-token strings")
-        if allowed_special is None: return frozenset()
-        allowed = frozenset(allowed_special)
-        if unknown := allowed - set(self._b.special_tokens):
-            raise ValueError(f"unknown special token(s) {sorted(unknown)} in allowed_special: "
-                             f"known are {sorted(self._b.special_tokens, key=self._b.special_tokens.get)}")
-        return allowed
-
-    # ---- ids
     @property
     def vocab_size(self) -> int: return self._b.n_vocab
     @property
@@ -224,45 +210,85 @@ class Tokenizer:
     def stop_ids(self) -> list:
         ids = [self._b.special_tokens.get("<|im_end|>"), self.eos_id]
         return list(dict.fromkeys(i for i in ids if i is not None))
-    def token_to_id(self, token) -> int:
-        "Id of a special token or of one vocabulary entry (spelled as in HF's vocab.json, or as bytes)."
-        try: return self._b.token_to_id(token)
-        except KeyError: pass
-        raise KeyError(f"{token!r} is neither a special token nor one vocabulary entry of this {self.backend} "
-                       f"tokenizer: use encode() for text" + (" (spell spaces as 'Ġ', e.g. 'Ġworld')" if self.backend == "tiktoken" else ""))
-    def id_to_token(self, i: int) -> str:
-        "The vocabulary string of id `i` (HF spelling)."
-        self._check_ids([i]); return self._b.id_to_token(i)
-    def id_to_bytes(self, i: int) -> bytes:
-        "The raw bytes of id `i`."
-        self._check_ids([i]); return self._b.id_to_bytes(i)
 
-    # ---- encode / decode
-    def encode(self, text: str, allowed_special="all") -> list:
-        "Token ids of `text`; special-token strings become their ids unless `allowed_special` excludes them."
-        if not isinstance(text, str): raise TypeError(f"encode() takes a str, got {type(text).__name__}: use encode_batch() for a list")
-        return self._b.encode(text, self._allowed(allowed_special))
-    def encode_batch(self, texts, num_threads: int = 8, allowed_special="all") -> list:
-        "Token ids of each text, encoded on `num_threads` threads."
-        return self._b.encode_batch(list(texts), self._allowed(allowed_special), num_threads)
-    def _check_ids(self, ids):
-        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
-            bad = next(i for i in ids if not 0 <= i < self.vocab_size)
-            pad = (f"; ids {QWEN3_VOCAB_SIZE}..{QWEN3_EMBED_SIZE - 1} are embedding padding: mask them out of the logits"
-                   if self.backend == "tiktoken" and QWEN3_VOCAB_SIZE <= bad < QWEN3_EMBED_SIZE else "")
-            raise ValueError(f"token id {bad} is outside this tokenizer's vocabulary 0..{self.vocab_size - 1}{pad}")
-    def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        "Text of `ids` (invalid UTF-8 becomes U+FFFD); `skip_special_tokens` drops control tokens, keeps <think>."
-        ids = _ids_list(ids)
-        self._check_ids(ids)
-        if skip_special_tokens: ids = [i for i in ids if i not in self._b.control_ids]
-        return self._b.decode(ids)
+# %% ../../nbs/10_tokenizer.ipynb #3c7e9a52
+@patch
+def _special_id(self: Tokenizer, token):
+    if token not in self._b.special_tokens:
+        fix = ("train the SentencePiece model with control_symbols=[...] holding it" if self.backend == "sentencepiece"
+               else "Qwen3's special tokens are listed in QWEN3_SPECIAL_TOKENS")
+        raise KeyError(f"{token!r} is not a special token of this {self.backend} tokenizer: {fix}")
+    return self._b.special_tokens[token]
 
-    @property
-    def fingerprint(self) -> str:
-        "sha256 over everything that decides the ids: backend, vocabulary, special tokens, regex, normaliser."
-        ident = {"backend": self.backend, **self._b.identity}
-        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+@patch
+def _allowed(self: Tokenizer, allowed_special) -> frozenset:
+    if isinstance(allowed_special, str):
+        if allowed_special == "all": return frozenset(self._b.special_tokens)
+        if allowed_special == "none": return frozenset()
+        raise ValueError(f"allowed_special={allowed_special!r}: use 'all', 'none' or a set of special-token strings")
+    if allowed_special is None: return frozenset()
+    allowed = frozenset(allowed_special)
+    if unknown := allowed - set(self._b.special_tokens):
+        raise ValueError(f"unknown special token(s) {sorted(unknown)} in allowed_special: "
+                         f"known are {sorted(self._b.special_tokens, key=self._b.special_tokens.get)}")
+    return allowed
+
+# %% ../../nbs/10_tokenizer.ipynb #7a0c4e18
+@patch
+def token_to_id(self: Tokenizer, token) -> int:
+    "Id of a special token or of one vocabulary entry (spelled as in HF's vocab.json, or as bytes)."
+    try: return self._b.token_to_id(token)
+    except KeyError: pass
+    raise KeyError(f"{token!r} is neither a special token nor one vocabulary entry of this {self.backend} "
+                   f"tokenizer: use encode() for text" + (" (spell spaces as 'Ġ', e.g. 'Ġworld')" if self.backend == "tiktoken" else ""))
+
+@patch
+def id_to_token(self: Tokenizer, i: int) -> str:
+    "The vocabulary string of id `i` (HF spelling)."
+    self._check_ids([i]); return self._b.id_to_token(i)
+
+@patch
+def id_to_bytes(self: Tokenizer, i: int) -> bytes:
+    "The raw bytes of id `i`."
+    self._check_ids([i]); return self._b.id_to_bytes(i)
+
+@patch
+def _check_ids(self: Tokenizer, ids):
+    if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
+        bad = next(i for i in ids if not 0 <= i < self.vocab_size)
+        pad = (f"; ids {QWEN3_VOCAB_SIZE}..{QWEN3_EMBED_SIZE - 1} are embedding padding: mask them out of the logits"
+               if self.backend == "tiktoken" and QWEN3_VOCAB_SIZE <= bad < QWEN3_EMBED_SIZE else "")
+        raise ValueError(f"token id {bad} is outside this tokenizer's vocabulary 0..{self.vocab_size - 1}{pad}")
+
+# %% ../../nbs/10_tokenizer.ipynb #8c1f5d24
+def _ids_list(ids) -> list:
+    "A plain list of ints from a list, tuple, numpy array or torch tensor."
+    return ids.tolist() if hasattr(ids, "tolist") else list(ids)
+
+@patch
+def encode(self: Tokenizer, text: str, allowed_special="all") -> list:
+    "Token ids of `text`; special-token strings become their ids unless `allowed_special` excludes them."
+    if not isinstance(text, str): raise TypeError(f"encode() takes a str, got {type(text).__name__}: use encode_batch() for a list")
+    return self._b.encode(text, self._allowed(allowed_special))
+
+@patch
+def encode_batch(self: Tokenizer, texts, num_threads: int = 8, allowed_special="all") -> list:
+    "Token ids of each text, encoded on `num_threads` threads."
+    return self._b.encode_batch(list(texts), self._allowed(allowed_special), num_threads)
+
+@patch
+def decode(self: Tokenizer, ids, skip_special_tokens: bool = False) -> str:
+    "Text of `ids` (invalid UTF-8 becomes U+FFFD); `skip_special_tokens` drops control tokens, keeps <think>."
+    ids = _ids_list(ids)
+    self._check_ids(ids)
+    if skip_special_tokens: ids = [i for i in ids if i not in self._b.control_ids]
+    return self._b.decode(ids)
+
+@patch(as_prop=True)
+def fingerprint(self: Tokenizer) -> str:
+    "sha256 over everything that decides the ids: backend, vocabulary, special tokens, regex, normaliser."
+    ident = {"backend": self.backend, **self._b.identity}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 # %% ../../nbs/10_tokenizer.ipynb #374ba841
 CHAT_ROLES = ("system", "user", "assistant", "tool")
@@ -282,6 +308,15 @@ def _is_query(m) -> bool:
     c = m.get("content")
     return m["role"] == "user" and isinstance(c, str) and not (c.startswith("<tool_response>") and c.endswith("</tool_response>"))
 
+def _system_turn(messages, tools) -> list:
+    "The opening system turn: the leading system message and, with `tools`, their signatures and how to call them."
+    has_system = messages[0]["role"] == "system"
+    if tools:
+        return (["<|im_start|>system\n" + (_content(messages[0]) + "\n\n" if has_system else "") + _TOOLS_PREAMBLE]
+                + ["\n" + _tojson(t) for t in tools] + [_TOOLS_POSTAMBLE])
+    return [f"<|im_start|>system\n{_content(messages[0])}<|im_end|>\n"] if has_system else []
+
+# %% ../../nbs/10_tokenizer.ipynb #0d7c4a29
 def _split_reasoning(m):
     "(reasoning, answer) of an assistant message: `reasoning_content`, else the `<think>` block of `content`."
     content = _content(m)
@@ -299,18 +334,13 @@ def _tool_calls(calls, content) -> str:
         out.append(f'<tool_call>\n{{"name": "{call["name"]}", "arguments": {args}}}\n</tool_call>')
     return "".join(out)
 
+# %% ../../nbs/10_tokenizer.ipynb #8a3d5f60
 def render_qwen3_chat(messages, add_generation_prompt=False, enable_thinking=True, tools=None) -> str:
     "Render `messages` in Qwen3's chat format (the logic of its official chat template)."
     if not messages: raise ValueError("messages is empty: pass at least one {'role': ..., 'content': ...}")
     for m in messages:
         if m.get("role") not in CHAT_ROLES: raise ValueError(f"unknown chat role {m.get('role')!r}: use one of {', '.join(CHAT_ROLES)}")
-    out, n = [], len(messages)
-    has_system = messages[0]["role"] == "system"
-    if tools:
-        out.append("<|im_start|>system\n" + (_content(messages[0]) + "\n\n" if has_system else "") + _TOOLS_PREAMBLE)
-        out += ["\n" + _tojson(t) for t in tools]
-        out.append(_TOOLS_POSTAMBLE)
-    elif has_system: out.append(f"<|im_start|>system\n{_content(messages[0])}<|im_end|>\n")
+    out, n = _system_turn(messages, tools), len(messages)
     last_query = next((i for i in range(n - 1, -1, -1) if _is_query(messages[i])), n - 1)
     for i, m in enumerate(messages):
         role, content = m["role"], _content(m)
@@ -343,6 +373,15 @@ def _apply_chat_template(self, messages, add_generation_prompt=False, enable_thi
 Tokenizer.apply_chat_template = _apply_chat_template   # a method, added once the chat format is explained
 
 # %% ../../nbs/10_tokenizer.ipynb #65d76ea9
+def _model_proto(model_file) -> bytes:
+    "The serialized SentencePiece model: `model_file` itself if bytes, else the contents of that file."
+    if isinstance(model_file, (bytes, bytearray)): return bytes(model_file)
+    path = Path(model_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"SentencePiece model file {path} not found: pass the .model file that "
+                                "SentencePieceTrainer.train(model_prefix=...) wrote")
+    return path.read_bytes()
+
 class _SentencePieceBackend:
     "A SentencePiece model; its control symbols act as special tokens."
     name = "sentencepiece"
@@ -352,13 +391,7 @@ class _SentencePieceBackend:
                              "(what SentencePieceTrainer.train(model_writer=...) writes)")
         try: import sentencepiece as spm
         except ImportError: raise ImportError("backend='sentencepiece' needs the sentencepiece package: pip install sentencepiece") from None
-        if isinstance(model_file, (bytes, bytearray)): proto = bytes(model_file)
-        else:
-            path = Path(model_file)
-            if not path.is_file():
-                raise FileNotFoundError(f"SentencePiece model file {path} not found: pass the .model file that "
-                                        "SentencePieceTrainer.train(model_prefix=...) wrote")
-            proto = path.read_bytes()
+        proto = _model_proto(model_file)
         self.sp = spm.SentencePieceProcessor(model_proto=proto)
         self.n_vocab = self.sp.get_piece_size()
         self.special_tokens = {self.sp.id_to_piece(i): i for i in range(self.n_vocab) if self.sp.is_control(i)}
@@ -370,24 +403,36 @@ class _SentencePieceBackend:
         return self.sp.eos_id()
     @property
     def pad_id(self): return self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id
-    def encode(self, text, allowed):
-        if not allowed: return self.sp.encode(text)
-        parts = special_token_splitter(allowed).split(text)   # text, special, text, ..., text
-        return [i for k, part in enumerate(parts) if part for i in
-                ([self.special_tokens[part]] if k % 2 else self.sp.encode(part))]
-    def encode_batch(self, texts, allowed, num_threads):
-        if not allowed: return self.sp.encode(texts, num_threads=num_threads)
-        with ThreadPoolExecutor(num_threads) as ex: return list(ex.map(lambda t: self.encode(t, allowed), texts))
-    def decode(self, ids):   # SentencePiece renders control ids as "": decode the runs between them
-        out, run = [], []
-        for i in ids:
-            if i in self.control_ids: out += [self.sp.decode(run), self.sp.id_to_piece(i)]; run = []
-            else: run.append(i)
-        return "".join(out + [self.sp.decode(run)])
-    def id_to_token(self, i): return self.sp.id_to_piece(i)
-    def id_to_bytes(self, i): return self.sp.id_to_piece(i).encode()
-    def token_to_id(self, token):
-        if isinstance(token, bytes): token = token.decode()
-        i = self.sp.piece_to_id(token)
-        if self.sp.id_to_piece(i) != token: raise KeyError(token)   # piece_to_id answers <unk> for unknown pieces
-        return i
+
+# %% ../../nbs/10_tokenizer.ipynb #0a9e3d56
+@patch
+def encode(self: _SentencePieceBackend, text, allowed):
+    if not allowed: return self.sp.encode(text)
+    parts = special_token_splitter(allowed).split(text)   # text, special, text, ..., text
+    return [i for k, part in enumerate(parts) if part for i in
+            ([self.special_tokens[part]] if k % 2 else self.sp.encode(part))]
+
+@patch
+def encode_batch(self: _SentencePieceBackend, texts, allowed, num_threads):
+    if not allowed: return self.sp.encode(texts, num_threads=num_threads)
+    with ThreadPoolExecutor(num_threads) as ex: return list(ex.map(lambda t: self.encode(t, allowed), texts))
+
+@patch
+def decode(self: _SentencePieceBackend, ids):   # SentencePiece renders control ids as "": decode the runs between them
+    out, run = [], []
+    for i in ids:
+        if i in self.control_ids: out += [self.sp.decode(run), self.sp.id_to_piece(i)]; run = []
+        else: run.append(i)
+    return "".join(out + [self.sp.decode(run)])
+
+# %% ../../nbs/10_tokenizer.ipynb #5b8c2e74
+@patch
+def id_to_token(self: _SentencePieceBackend, i): return self.sp.id_to_piece(i)
+@patch
+def id_to_bytes(self: _SentencePieceBackend, i): return self.sp.id_to_piece(i).encode()
+@patch
+def token_to_id(self: _SentencePieceBackend, token):
+    if isinstance(token, bytes): token = token.decode()
+    i = self.sp.piece_to_id(token)
+    if self.sp.id_to_piece(i) != token: raise KeyError(token)   # piece_to_id answers <unk> for unknown pieces
+    return i

@@ -11,10 +11,10 @@ import functools
 import torch
 import triton
 import triton.language as tl
-
-from .utils import autocast_inputs, cdiv, interpreting, new_empty, next_pow2, upcast_for_interpreter
-from ..model.attention import document_ids
 from torch.utils.weak import WeakIdKeyDictionary
+
+from .utils import autocast_inputs, cdiv, document_ids, interpreting, new_empty, next_pow2
+from .utils import upcast_for_interpreter
 
 # %% ../../kernels_nbs/02_flash_attention.ipynb #322f2c84
 def doc_bounds(cu_seqlens: torch.Tensor, batch_size: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,11 +12,8 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from .utils import cdiv, interpreting, new_empty, next_pow2, upcast_for_interpreter
-
-# %% ../../kernels_nbs/05_moe_dispatch.ipynb #12d0a321
-from ..model.moe import (_check_combine, _check_dispatch, _check_expert_ids, expert_order,
-                                     inverse_permutation, moe_combine_ref, moe_dispatch_ref)
+from .utils import _check_combine, _check_dispatch, _check_expert_ids, expert_order
+from .utils import cdiv, interpreting, inverse_permutation, new_empty, next_pow2, upcast_for_interpreter
 
 # %% ../../kernels_nbs/05_moe_dispatch.ipynb #fe492948
 @triton.jit

@@ -114,6 +114,6 @@ class RMSNormFunction(torch.autograd.Function):
         return dx.view(dy.shape), dw.to(weight.dtype) if ctx.needs_input_grad[1] else None, None
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    "Fused RMSNorm over the last dim; same function as `qwen3_scratch.model.norm.rms_norm`."
+    "Fused RMSNorm over the last dim; the same function as the model's PyTorch `rms_norm` (nbs/01_norm)."
     _check(x, weight)
     return RMSNormFunction.apply(x, weight, eps)

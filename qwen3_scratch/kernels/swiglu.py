@@ -106,6 +106,6 @@ class SwiGLUFunction(torch.autograd.Function):
         return swiglu_bwd(dy, gate, up)
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    "Fused silu(gate) * up over any shape; same function as `qwen3_scratch.model.ffn.swiglu`."
+    "Fused silu(gate) * up over any shape; the same function as the model's PyTorch `swiglu` (nbs/04_ffn)."
     _check(gate, up)
     return SwiGLUFunction.apply(gate, up)

@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['REL_TOL', 'interpreting', 'triton_importable', 'use_triton', 'poison_outputs', 'new_empty', 'new_empty_like',
-           'upcast_for_interpreter', 'cdiv', 'next_pow2', 'autocast_inputs', 'test_device', 'rel_err', 'assert_close']
+           'upcast_for_interpreter', 'cdiv', 'next_pow2', 'autocast_inputs', 'test_device', 'rel_err', 'assert_close',
+           'document_ids', 'expert_order', 'inverse_permutation']
 
 # %% ../../kernels_nbs/index.ipynb #2d35b72a
 import contextlib
@@ -99,3 +100,92 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype=None, tol: float | 
     tol = tol if tol is not None else REL_TOL[dtype or out.dtype]
     e = rel_err(out, ref)
     assert e <= tol, f"{name}: relative error {e:.3e} > {tol:.1e}"
+
+# %% ../../kernels_nbs/index.ipynb #5d0c2b17
+def document_ids(cu_seqlens: torch.Tensor, batch_size: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    "Document index and in-document position `(B, T)` of every token, from `cu_seqlens` over the flattened batch."
+    cu = cu_seqlens.to(torch.long)
+    n = batch_size * seq_len
+    if cu.dim() != 1 or cu.numel() < 2 or cu[0] != 0 or cu[-1] != n or (cu[1:] < cu[:-1]).any():
+        raise ValueError(f"cu_seqlens must rise from 0 to batch_size * seq_len = {n}, got {cu.tolist()}")
+    rows = torch.arange(0, n, seq_len, device=cu.device)
+    if not torch.isin(rows, cu).all():
+        raise ValueError(f"cu_seqlens {cu.tolist()} lets a document cross a row of length {seq_len}: "
+                         f"every row start (multiples of {seq_len}) must be a document boundary")
+    idx = torch.arange(n, device=cu.device)
+    doc = torch.searchsorted(cu, idx, right=True) - 1          # (B*T,)
+    pos = idx - cu[doc]                                          # position inside its document
+    return doc.view(batch_size, seq_len), pos.view(batch_size, seq_len)
+
+# %% ../../kernels_nbs/index.ipynb #4e9a61c3
+def _check_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int):
+    "Raise a clear error when x / topk_idx / num_experts do not fit together."
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D (tokens, hidden), got shape {tuple(x.shape)}: flatten batch and sequence "
+                         "first, x.reshape(-1, x.shape[-1])")
+    if topk_idx.dim() != 2:
+        raise ValueError(f"topk_idx must be 2-D (tokens, k), got shape {tuple(topk_idx.shape)}: pass the indices "
+                         "of torch.topk(router_logits, k, dim=-1) for the same flattened tokens as x")
+    if topk_idx.dtype.is_floating_point or topk_idx.dtype.is_complex or topk_idx.dtype == torch.bool:
+        raise TypeError(f"topk_idx must hold integer expert ids, got dtype {topk_idx.dtype}: pass the indices of "
+                        "torch.topk, not its values")
+    if topk_idx.shape[0] != x.shape[0]:
+        raise ValueError(f"topk_idx has {topk_idx.shape[0]} tokens (rows) but x has {x.shape[0]}: route exactly the "
+                         "tokens you dispatch (both flattened the same way)")
+    if topk_idx.device != x.device:
+        raise ValueError(f"x is on {x.device} but topk_idx on {topk_idx.device}: move both to one device")
+    if not isinstance(num_experts, int) or num_experts < 1:
+        raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+
+# %% ../../kernels_nbs/index.ipynb #1f6e8d3a
+def _check_expert_ids(topk_idx: torch.Tensor, offsets: torch.Tensor, num_experts: int):
+    "Raise if some id lies outside [0, E): then offsets[0] > 0 (ids < 0) or offsets[E] < T*k (ids >= E). One sync."
+    n = topk_idx.numel()
+    if n == 0: return
+    first, last = offsets[::num_experts].tolist()  # offsets[0], offsets[E]
+    if first != 0 or last != n:
+        lo, hi = (v.item() for v in torch.aminmax(topk_idx.reshape(-1)))
+        raise ValueError(f"topk_idx holds expert ids in [{lo}, {hi}] but num_experts={num_experts}: ids must lie "
+                         f"in [0, {num_experts}); pass the model's num_experts (config.num_experts)")
+
+def expert_order(topk_idx: torch.Tensor, num_experts: int, check: bool = True):
+    "Stable sort of the T*k token copies by expert: (sorted_pos, counts, offsets), all int64."
+    flat = topk_idx.reshape(-1)  # (T*k,) copy i = t*k + j goes to expert flat[i]
+    narrow = torch.int16 if num_experts < 2**15 - 1 else torch.int32  # fewer radix-sort passes than int64
+    if not flat.dtype.is_signed: flat = flat.long()  # uint8: clamp's -1 would wrap to 255
+    key = flat.clamp(-1, num_experts).to(narrow)  # out-of-range ids stay out of range (-1 or E), never wrap
+    sorted_e, sorted_pos = torch.sort(key, stable=True)  # (T*k,) experts ascending, ties by flat index
+    bounds = torch.arange(num_experts + 1, dtype=key.dtype, device=key.device)
+    offsets = torch.searchsorted(sorted_e, bounds)  # (E+1,) copies with expert < e: block starts, exclusive scan
+    if check: _check_expert_ids(topk_idx, offsets, num_experts)
+    return sorted_pos, offsets.diff(), offsets
+
+# %% ../../kernels_nbs/index.ipynb #7b4f0e28
+def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
+    "inv with inv[perm[r]] = r: where each token copy sits in the sorted order."
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel(), dtype=perm.dtype, device=perm.device)
+    return inv
+
+# %% ../../kernels_nbs/index.ipynb #5e8a1d63
+def _check_combine(y_sorted: torch.Tensor, sorted_pos: torch.Tensor, topk_weights: torch.Tensor):
+    "Raise a clear error when y_sorted / sorted_pos / topk_weights do not fit together."
+    if y_sorted.dim() != 2:
+        raise ValueError(f"y_sorted must be 2-D (T*k, hidden), got shape {tuple(y_sorted.shape)}: the expert outputs "
+                         "in the order of moe_dispatch's x_sorted")
+    if topk_weights.dim() != 2 or not topk_weights.dtype.is_floating_point:
+        raise ValueError(f"topk_weights must be a 2-D float tensor (tokens, k), got shape {tuple(topk_weights.shape)} "
+                         f"and dtype {topk_weights.dtype}")
+    if sorted_pos.dim() != 1 or sorted_pos.dtype.is_floating_point or sorted_pos.dtype == torch.bool:
+        raise ValueError(f"sorted_pos must be a 1-D integer tensor, got shape {tuple(sorted_pos.shape)} and dtype "
+                         f"{sorted_pos.dtype}: pass the sorted_pos returned by moe_dispatch")
+    T, k = topk_weights.shape
+    if sorted_pos.numel() != T * k:
+        raise ValueError(f"sorted_pos has {sorted_pos.numel()} entries but topk_weights is ({T}, {k}), i.e. {T * k} "
+                         "token copies: pass the sorted_pos that moe_dispatch returned for these tokens")
+    if y_sorted.shape[0] != T * k:
+        raise ValueError(f"y_sorted has {y_sorted.shape[0]} rows but topk_weights is ({T}, {k}): expected T*k = "
+                         f"{T * k} rows, one per token copy, in the order of sorted_pos")
+    if not (y_sorted.device == sorted_pos.device == topk_weights.device):
+        raise ValueError(f"y_sorted ({y_sorted.device}), sorted_pos ({sorted_pos.device}) and topk_weights "
+                         f"({topk_weights.device}) must be on one device")

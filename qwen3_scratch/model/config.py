@@ -40,7 +40,7 @@ class ModelConfig:
     # --- attention ---
     attention_bias: bool = False  # Qwen3 dropped Qwen2's QKV bias
     attention_dropout: float = 0.0
-    qk_norm: bool = True  # Qwen3: RMSNorm over head_dim on q and k before RoPE (the seed says L2-norm; Qwen3 uses RMSNorm)
+    qk_norm: bool = True  # Qwen3: RMSNorm over head_dim on q and k before RoPE (not an L2 norm)
     # --- RoPE ---
     rope_theta: float = 1_000_000.0  # Qwen3; 5e6 in the 2507 updates; raised further by ABF in long-context training
     rope_scaling: dict | None = None  # HF-style dict; {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768} for 131k
@@ -54,7 +54,7 @@ class ModelConfig:
     norm_topk_prob: bool = True  # renormalise the k routing weights to sum to 1 (True in released Qwen3-MoE)
     moe_drop_tokens: bool = False  # ours: drop tokens over an expert's capacity (they pass through the residual)
     moe_capacity_factor: float = 1.25  # ours: capacity = factor * tokens * k / num_experts, used when dropping
-    # --- vision (Qwen3-VL encoder; the seed's patch 14 is a value, 16 is Qwen3-VL's default) ---
+    # --- vision (Qwen3-VL encoder: patch 16 as Qwen3-VL; Qwen2-VL's patch 14 remains a config value) ---
     vision_enabled: bool = False
     vision_hidden_size: int = 1152
     vision_num_hidden_layers: int = 27
@@ -86,6 +86,17 @@ class ModelConfig:
     def __post_init__(self): self.validate()
 
 # %% ../../nbs/00_config.ipynb #977fe000
+def _check(cond, msg):
+    if not cond: raise ValueError(msg)
+
+_VALIDATORS = {}  # concern -> check(config); run in insertion order by ModelConfig.validate
+
+def _validate(c: ModelConfig):
+    for check in _VALIDATORS.values(): check(c)
+
+ModelConfig.validate = _validate
+
+# %% ../../nbs/00_config.ipynb #6e0d4b21
 _POSITIVE_INTS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                   "head_dim", "intermediate_size", "max_position_embeddings", "num_experts_per_tok",
                   "moe_intermediate_size", "decoder_sparse_step", "vision_hidden_size", "vision_num_hidden_layers",
@@ -93,10 +104,7 @@ _POSITIVE_INTS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attenti
                   "vision_temporal_patch_size", "vision_image_size", "vision_num_channels",
                   "vision_merger_spatial_factor")
 
-def _check(cond, msg):
-    if not cond: raise ValueError(msg)
-
-def _validate(c: ModelConfig):
+def _validate_sizes(c: ModelConfig):
     for name in _POSITIVE_INTS:
         v = getattr(c, name)
         _check(isinstance(v, int) and not isinstance(v, bool) and v > 0,
@@ -106,12 +114,22 @@ def _validate(c: ModelConfig):
     _check(0.0 <= c.attention_dropout < 1.0, f"attention_dropout must be in [0, 1), got {c.attention_dropout}")
     _check(c.rope_theta > 0, f"rope_theta must be > 0, got {c.rope_theta}")
     _check(c.initializer_range > 0, f"initializer_range must be > 0, got {c.initializer_range}")
+
+_VALIDATORS["sizes"] = _validate_sizes
+
+# %% ../../nbs/00_config.ipynb #0c7d5e93
+def _validate_heads(c: ModelConfig):
     _check(c.num_attention_heads % c.num_key_value_heads == 0,
            f"num_attention_heads ({c.num_attention_heads}) must be divisible by num_key_value_heads "
            f"({c.num_key_value_heads}): each KV head serves a whole group of query heads; pick a divisor such as "
            f"{max(d for d in range(1, c.num_key_value_heads + 1) if c.num_attention_heads % d == 0)}")
     _check(c.hidden_act == "silu", f"hidden_act={c.hidden_act!r} is not supported: Qwen3's SwiGLU uses 'silu'")
     _check(c.kernels in KERNEL_CHOICES, f"kernels={c.kernels!r}: choose one of {KERNEL_CHOICES}")
+
+_VALIDATORS["heads"] = _validate_heads
+
+# %% ../../nbs/00_config.ipynb #1f3b8e64
+def _validate_moe(c: ModelConfig):
     if c.num_experts > 0:
         _check(c.num_experts_per_tok <= c.num_experts,
                f"num_experts_per_tok ({c.num_experts_per_tok}) > num_experts ({c.num_experts}): top-k cannot pick more "
@@ -119,28 +137,40 @@ def _validate(c: ModelConfig):
         _check(c.moe_capacity_factor > 0, f"moe_capacity_factor must be > 0, got {c.moe_capacity_factor}")
     bad = [i for i in c.mlp_only_layers if not (isinstance(i, int) and 0 <= i < c.num_hidden_layers)]
     _check(not bad, f"mlp_only_layers {bad} outside [0, {c.num_hidden_layers}): layer indices start at 0")
-    if c.vision_enabled:
-        bad = [i for i in c.vision_deepstack_layers if not 0 <= i < c.vision_num_hidden_layers]
-        _check(not bad, f"vision_deepstack_layers {bad} outside [0, {c.vision_num_hidden_layers})")
-        _check(c.vision_hidden_size % c.vision_num_attention_heads == 0,
-               f"vision_hidden_size ({c.vision_hidden_size}) must be divisible by vision_num_attention_heads "
-               f"({c.vision_num_attention_heads})")
-        _check(c.vision_image_size % c.vision_patch_size == 0,
-               f"vision_image_size ({c.vision_image_size}) must be a multiple of vision_patch_size ({c.vision_patch_size})")
-        _check(len(c.vision_deepstack_layers) <= c.num_hidden_layers,
-               f"{len(c.vision_deepstack_layers)} vision_deepstack_layers feed the first decoder layers, but there are only "
-               f"{c.num_hidden_layers}: drop some DeepStack layers or add decoder layers")
-        _check(c.vision_hidden_act in ("gelu_pytorch_tanh", "gelu"),
-               f"vision_hidden_act={c.vision_hidden_act!r}: Qwen3-VL uses 'gelu_pytorch_tanh' ('gelu' also works)")
-        _check(c.vision_rope_theta > 0, f"vision_rope_theta must be > 0, got {c.vision_rope_theta}")
-    if c.mrope_section is not None:
-        _check(len(c.mrope_section) == 3 and sum(c.mrope_section) == c.head_dim // 2,
-               f"mrope_section {c.mrope_section} must be three (t, h, w) counts summing to head_dim // 2 = "
-               f"{c.head_dim // 2}, e.g. [24, 20, 20] for head_dim 128")
-        _check(c.mrope_section[1] <= c.mrope_section[0] and c.mrope_section[2] <= c.mrope_section[0],
-               f"mrope_section {c.mrope_section}: the interleaved layout needs t >= h and t >= w (t also takes the tail)")
-    if c.rope_scaling is not None: _validate_rope_scaling(c)
 
+_VALIDATORS["moe"] = _validate_moe
+
+# %% ../../nbs/00_config.ipynb #3a9c5e82
+def _validate_vision(c: ModelConfig):
+    if not c.vision_enabled: return
+    bad = [i for i in c.vision_deepstack_layers if not 0 <= i < c.vision_num_hidden_layers]
+    _check(not bad, f"vision_deepstack_layers {bad} outside [0, {c.vision_num_hidden_layers})")
+    _check(c.vision_hidden_size % c.vision_num_attention_heads == 0,
+           f"vision_hidden_size ({c.vision_hidden_size}) must be divisible by vision_num_attention_heads "
+           f"({c.vision_num_attention_heads})")
+    _check(c.vision_image_size % c.vision_patch_size == 0,
+           f"vision_image_size ({c.vision_image_size}) must be a multiple of vision_patch_size ({c.vision_patch_size})")
+    _check(len(c.vision_deepstack_layers) <= c.num_hidden_layers,
+           f"{len(c.vision_deepstack_layers)} vision_deepstack_layers feed the first decoder layers, but there are only "
+           f"{c.num_hidden_layers}: drop some DeepStack layers or add decoder layers")
+    _check(c.vision_hidden_act in ("gelu_pytorch_tanh", "gelu"),
+           f"vision_hidden_act={c.vision_hidden_act!r}: Qwen3-VL uses 'gelu_pytorch_tanh' ('gelu' also works)")
+    _check(c.vision_rope_theta > 0, f"vision_rope_theta must be > 0, got {c.vision_rope_theta}")
+
+_VALIDATORS["vision"] = _validate_vision
+
+# %% ../../nbs/00_config.ipynb #2b6f4d18
+def _validate_mrope(c: ModelConfig):
+    if c.mrope_section is None: return
+    _check(len(c.mrope_section) == 3 and sum(c.mrope_section) == c.head_dim // 2,
+           f"mrope_section {c.mrope_section} must be three (t, h, w) counts summing to head_dim // 2 = "
+           f"{c.head_dim // 2}, e.g. [24, 20, 20] for head_dim 128")
+    _check(c.mrope_section[1] <= c.mrope_section[0] and c.mrope_section[2] <= c.mrope_section[0],
+           f"mrope_section {c.mrope_section}: the interleaved layout needs t >= h and t >= w (t also takes the tail)")
+
+_VALIDATORS["mrope"] = _validate_mrope
+
+# %% ../../nbs/00_config.ipynb #8c3e5a19
 _YARN_KEYS = {"rope_type", "type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
               "attention_factor", "mscale", "mscale_all_dim", "truncate", "rope_theta"}
 
@@ -157,13 +187,19 @@ def _validate_rope_scaling(c: ModelConfig):
         _check(rs.get("original_max_position_embeddings", c.max_position_embeddings) > 0,
                "rope_scaling original_max_position_embeddings must be > 0")
 
-ModelConfig.validate = _validate
+def _validate_rope(c: ModelConfig):
+    if c.rope_scaling is not None: _validate_rope_scaling(c)
+
+_VALIDATORS["rope_scaling"] = _validate_rope
 
 # %% ../../nbs/00_config.ipynb #12c0cf19
 def _is_moe_layer(self: ModelConfig, i: int) -> bool:
     "Whether decoder layer `i` uses a Mixture-of-Experts block (HF Qwen3-MoE rule)."
     return self.num_experts > 0 and i not in self.mlp_only_layers and (i + 1) % self.decoder_sparse_step == 0
 
+ModelConfig.is_moe_layer = _is_moe_layer
+
+# %% ../../nbs/00_config.ipynb #7b2d9f41
 def _attn_params(c: ModelConfig) -> int:
     q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
     n = c.hidden_size * (q + 2 * kv) + q * c.hidden_size
@@ -187,7 +223,6 @@ def _active_params_estimate(self: ModelConfig) -> int:
     "Parameters one token touches: top-k experts per MoE layer instead of all."
     return _param_count(self, self.num_experts_per_tok)
 
-ModelConfig.is_moe_layer = _is_moe_layer
 ModelConfig.total_params_estimate = _total_params_estimate
 ModelConfig.active_params_estimate = _active_params_estimate
 
@@ -209,6 +244,15 @@ def _to_dict(self: ModelConfig) -> dict[str, Any]:
     "The config as a plain dict (YAML/JSON-ready)."
     return dataclasses.asdict(self)
 
+def _replace(self: ModelConfig, **changes) -> ModelConfig:
+    "A validated copy with `changes` applied (unknown keys are refused)."
+    return type(self).from_dict({**self.to_dict(), **changes}, source="replace()")
+
+ModelConfig.from_dict = classmethod(_from_dict)
+ModelConfig.to_dict = _to_dict
+ModelConfig.replace = _replace
+
+# %% ../../nbs/00_config.ipynb #5d9e7a13
 def _from_yaml(cls, path) -> ModelConfig:
     "Load a config from a YAML file."
     p = Path(path)
@@ -221,6 +265,10 @@ def _to_yaml(self: ModelConfig, path=None) -> str:
     if path is not None: Path(path).write_text(text)
     return text
 
+ModelConfig.from_yaml = classmethod(_from_yaml)
+ModelConfig.to_yaml = _to_yaml
+
+# %% ../../nbs/00_config.ipynb #9f4b1c26
 def _from_json(cls, path) -> ModelConfig:
     "Load a config from a JSON file written by `to_json` (for HF `config.json` use `qwen3_scratch.model.hf`)."
     p = Path(path)
@@ -233,17 +281,8 @@ def _to_json(self: ModelConfig, path=None) -> str:
     if path is not None: Path(path).write_text(text)
     return text
 
-def _replace(self: ModelConfig, **changes) -> ModelConfig:
-    "A validated copy with `changes` applied (unknown keys are refused)."
-    return type(self).from_dict({**self.to_dict(), **changes}, source="replace()")
-
-ModelConfig.from_dict = classmethod(_from_dict)
-ModelConfig.to_dict = _to_dict
-ModelConfig.from_yaml = classmethod(_from_yaml)
-ModelConfig.to_yaml = _to_yaml
 ModelConfig.from_json = classmethod(_from_json)
 ModelConfig.to_json = _to_json
-ModelConfig.replace = _replace
 
 # %% ../../nbs/00_config.ipynb #71f1a94f
 def available_presets() -> list[str]:

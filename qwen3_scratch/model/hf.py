@@ -11,17 +11,18 @@ import json
 import math
 import os
 import re
+import secrets
 import shutil
-import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ..errors import CheckpointError
 from .config import ModelConfig
 from .transformer import Qwen3Model
 
@@ -239,14 +240,67 @@ def build_model(config: ModelConfig) -> nn.Module:
     from qwen3_scratch.model.multimodal import Qwen3VLModel
     return Qwen3VLModel(config)
 
+# %% ../../nbs/07_hf.ipynb #3c1f0a71
+def _damaged(file: Path, why: str) -> CheckpointError:
+    "The error for a checkpoint file that cannot be read: the file, what is wrong with it, and the fix."
+    return CheckpointError(f"{file} is corrupt or incomplete ({why}): re-download it, or re-export the checkpoint "
+                           "(save_hf, or transformers' save_pretrained)")
+
+def _read_json(file: Path) -> dict:
+    "The JSON object in `file`; a `CheckpointError` naming the file when it is empty, not JSON, or not an object."
+    try: text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e: raise _damaged(file, f"not UTF-8 text: {e}") from e
+    if not text.strip(): raise _damaged(file, "the file is empty")
+    try: obj = json.loads(text)
+    except json.JSONDecodeError as e: raise _damaged(file, f"not valid JSON: {e}") from e
+    if not isinstance(obj, dict): raise _damaged(file, f"it holds a JSON {type(obj).__name__}, not an object")
+    return obj
+
+# %% ../../nbs/07_hf.ipynb #6a47d1c3
+def _dtype(name) -> torch.dtype | None:
+    if name is None or isinstance(name, torch.dtype): return name
+    dt = getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(dt, torch.dtype): raise ValueError(f"unknown dtype {name!r}; use e.g. 'bfloat16' or torch.float32")
+    return dt
+
+_REQUIRED = ("hidden_size", "num_attention_heads")  # the model's width and heads: no default can stand in
+
+def _check_config(file: Path, hf: dict):
+    "Raise a `CheckpointError` naming `file` unless the config dict `hf` is a Qwen3 family config with its sizes."
+    mt = hf.get("model_type")
+    if mt is None: raise _damaged(file, "it has no model_type")
+    if mt not in ARCHITECTURES:
+        raise CheckpointError(f"{file} has model_type={mt!r}; load_hf reads {sorted(ARCHITECTURES)} only: point it at a "
+                              "Qwen3 checkpoint (or restore model_type if the file was edited)")
+    lm = hf if mt in ("qwen3", "qwen3_moe") else hf.get("text_config")
+    if not isinstance(lm, dict): raise _damaged(file, f"model_type={mt!r} needs a text_config object")
+    missing = [k for k in _REQUIRED if lm.get(k) is None]
+    if missing: raise _damaged(file, f"it lacks the required {', '.join(missing)}")
+
+def _read_config(path: Path) -> tuple[ModelConfig, torch.dtype | None]:
+    "Our `ModelConfig` and the `torch_dtype` of the checkpoint `path`'s config.json; a `CheckpointError` naming it if bad."
+    file = path / "config.json"
+    hf = _read_json(file)
+    _check_config(file, hf)
+    try: return config_from_hf(hf), _dtype(hf.get("torch_dtype") or hf.get("dtype"))
+    except (KeyError, TypeError, AttributeError) as e: raise _damaged(file, f"a value has the wrong type: {e!r}") from e
+    except ValueError as e: raise CheckpointError(f"{file}: {e}") from e
+
 # %% ../../nbs/07_hf.ipynb #5ff1a4e2
+def _read_index(path: Path) -> list[Path]:
+    "The shard files `path/model.safetensors.index.json` lists, after checking that each is there."
+    file = path / "model.safetensors.index.json"
+    wm = _read_json(file).get("weight_map")
+    if not isinstance(wm, dict) or not wm: raise _damaged(file, "no weight_map object naming the shard of each tensor")
+    if not all(isinstance(v, str) for v in wm.values()): raise _damaged(file, "weight_map values must be shard file names")
+    files = sorted(set(wm.values()))
+    missing = [f for f in files if not (path / f).is_file()]
+    if missing: raise FileNotFoundError(f"{path}: the index lists shards that are not there: {missing}; download them, "
+                                        "or re-export the checkpoint")
+    return [path / f for f in files]
+
 def _weight_files(path: Path) -> list[Path]:
-    if (path / "model.safetensors.index.json").is_file():
-        index = json.loads((path / "model.safetensors.index.json").read_text())
-        files = sorted(set(index["weight_map"].values()))
-        missing = [f for f in files if not (path / f).is_file()]
-        if missing: raise FileNotFoundError(f"{path}: the index lists shards that are not there: {missing}")
-        return [path / f for f in files]
+    if (path / "model.safetensors.index.json").is_file(): return _read_index(path)
     if (path / "model.safetensors").is_file(): return [path / "model.safetensors"]
     pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
     if pickles:
@@ -255,41 +309,35 @@ def _weight_files(path: Path) -> list[Path]:
                          "(`AutoModelForCausalLM.from_pretrained(path).save_pretrained(path, safe_serialization=True)`)")
     raise FileNotFoundError(f"{path} has no model.safetensors or model.safetensors.index.json")
 
-def _dtype(name) -> torch.dtype | None:
-    if name is None or isinstance(name, torch.dtype): return name
-    dt = getattr(torch, str(name).removeprefix("torch."), None)
-    if not isinstance(dt, torch.dtype): raise ValueError(f"unknown dtype {name!r}; use e.g. 'bfloat16' or torch.float32")
-    return dt
+# %% ../../nbs/07_hf.ipynb #0b6e2f94
+_STORED_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
+def _read_headers(files: list[Path]) -> tuple[dict, dict, torch.dtype | None]:
+    "Headers only: {name: file}, {name: shape} of every tensor in `files`, and the first floating dtype stored."
+    where, shapes, stored_dtype = {}, {}, None
+    for f in files:
+        try:
+            with safe_open(f, framework="pt") as sf:
+                for k in sf.keys():
+                    sl = sf.get_slice(k)
+                    where[k], shapes[k] = f, tuple(sl.get_shape())
+                    if stored_dtype is None: stored_dtype = _STORED_DTYPES.get(sl.get_dtype())
+        except SafetensorError as e: raise _damaged(f, f"safetensors cannot read it: {e}") from e
+    return where, shapes, stored_dtype
+
+def _read(file: Path, key: str) -> torch.Tensor:
+    try:
+        with safe_open(file, framework="pt") as sf: return sf.get_tensor(key)
+    except SafetensorError as e: raise _damaged(file, f"reading {key} failed: {e}") from e
+
+# %% ../../nbs/07_hf.ipynb #6f0a2c83
 def _fmt(keys, n=8) -> str:
     keys = sorted(keys)
     return ", ".join(keys[:n]) + (f", ... ({len(keys) - n} more)" if len(keys) > n else "")
 
-def load_hf(path, dtype=None, device="cpu") -> Qwen3Model:
-    "Our `Qwen3Model` with the weights of the HF checkpoint directory `path`."
-    path = Path(path)
-    if not (path / "config.json").is_file(): raise FileNotFoundError(f"{path} has no config.json: not a HF checkpoint directory")
-    hf_cfg = json.loads((path / "config.json").read_text())
-    config = config_from_hf(hf_cfg)
-    mt, files = model_type(config), _weight_files(path)
-    km = KEY_MAPS[mt]
-    with torch.device("meta"): model = build_model(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-    # headers only: names, shapes, dtypes
-    where, shapes, stored_dtype = {}, {}, None
-    for f in files:
-        with safe_open(f, framework="pt") as sf:
-            for k in sf.keys():
-                sl = sf.get_slice(k)
-                where[k], shapes[k] = f, tuple(sl.get_shape())
-                if stored_dtype is None and sl.get_dtype() in ("F32", "F16", "BF16", "F64"):
-                    stored_dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}[sl.get_dtype()]
-    lazy = {k: (lambda k=k: _read(where[k], k)) for k in where if not km.ignored(k)}
-    for load, _ in STATE_TRANSFORMS[mt]: lazy, shapes = load(lazy, shapes, config)
-    if config.tie_word_embeddings: lazy.pop("lm_head.weight", None)  # HF may store the tied copy; ours reads the embedding
-    renamed = {}
-    unexpected, wrong = [], []
+def _fit(lazy: dict, shapes: dict, expected: dict, km: KeyMap, what: str) -> dict:
+    "`lazy` under our names, after checking names and shapes against `expected`; a ValueError listing every misfit."
+    renamed, unexpected, wrong = {}, [], []
     for k in lazy:
         ours = km.to_ours(k)
         if ours is None or ours not in expected: unexpected.append(k)
@@ -298,16 +346,32 @@ def load_hf(path, dtype=None, device="cpu") -> Qwen3Model:
     seen = {km.to_ours(k) for k in lazy}
     missing = [km.to_hf(k) or k for k in expected if k not in seen]  # named as the checkpoint should name them
     if missing or unexpected or wrong:
-        lines = [f"checkpoint {path} does not fit the {ARCHITECTURES[mt]} its config.json describes:"]
+        lines = [f"checkpoint {what}:"]
         if missing: lines.append(f"  missing ({len(missing)}): {_fmt(missing)}")
         if unexpected: lines.append(f"  unexpected ({len(unexpected)}): {_fmt(unexpected)}")
         if wrong: lines.append(f"  wrong shape ({len(wrong)}): {_fmt(wrong, 4)}")
         lines.append("  check that config.json belongs to these weights (num_hidden_layers, sizes, tie_word_embeddings)")
         raise ValueError("\n".join(lines))
+    return renamed
 
-    dtype = _dtype(dtype) or _dtype(hf_cfg.get("torch_dtype") or hf_cfg.get("dtype")) or stored_dtype or torch.float32
+# %% ../../nbs/07_hf.ipynb #2a7f4d19
+def load_hf(path, dtype=None, device="cpu") -> Qwen3Model:
+    "Our `Qwen3Model` with the weights of the HF checkpoint directory `path`."
+    path = Path(path)
+    if not (path / "config.json").is_file(): raise FileNotFoundError(f"{path} has no config.json: not a HF checkpoint directory")
+    config, cfg_dtype = _read_config(path)
+    mt, dtype = model_type(config), _dtype(dtype)
+    km = KEY_MAPS[mt]
+    where, shapes, stored_dtype = _read_headers(_weight_files(path))
+    with torch.device("meta"): model = build_model(config)
+    lazy = {k: (lambda k=k: _read(where[k], k)) for k in where if not km.ignored(k)}
+    for load, _ in STATE_TRANSFORMS[mt]: lazy, shapes = load(lazy, shapes, config)
+    if config.tie_word_embeddings: lazy.pop("lm_head.weight", None)  # HF may store the tied copy; ours reads the embedding
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    renamed = _fit(lazy, shapes, expected, km, f"{path} does not fit the {ARCHITECTURES[mt]} its config.json describes")
+
     model.to_empty(device=device)
-    model.to(dtype)
+    model.to(dtype or cfg_dtype or stored_dtype or torch.float32)
     with torch.no_grad():
         params = dict(model.state_dict(keep_vars=True))
         for k, read in renamed.items(): params[k].copy_(read())
@@ -315,55 +379,81 @@ def load_hf(path, dtype=None, device="cpu") -> Qwen3Model:
         if hasattr(m, "inv_freq"): m.reset_parameters()
     return model
 
-def _read(file: Path, key: str) -> torch.Tensor:
-    with safe_open(file, framework="pt") as sf: return sf.get_tensor(key)
-
 # %% ../../nbs/07_hf.ipynb #99578b74
+def _hf_state(model: nn.Module, dtype: torch.dtype | None) -> dict:
+    "`model`'s tensors under HF names and in HF's layout, contiguous on the CPU in `dtype` (default: as they are)."
+    config = model.config
+    mt = model_type(config)
+    state = {}
+    for k, v in model.state_dict().items():
+        hk = KEY_MAPS[mt].to_hf(k)
+        if hk is None: raise ValueError(f"no HF name for parameter {k!r}: add a pattern to KEY_MAPS[{mt!r}]")
+        state[hk] = v
+    for _, save in reversed(STATE_TRANSFORMS[mt]): state = save(state, config)
+    return {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in state.items()}
+
+# %% ../../nbs/07_hf.ipynb #3b6d9e25
 def _parse_size(s) -> int:
     if isinstance(s, int): return s
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B)\s*", str(s).upper())
     if not m: raise ValueError(f"max_shard_size={s!r}: use bytes or a string like '5GB', '200MB'")
     return int(float(m[1]) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[m[2]])
 
+def _nbytes(v: torch.Tensor) -> int: return v.numel() * v.element_size()
+
+def _shards(state: dict, limit: int) -> list[dict]:
+    "`state` cut, in order, into dicts of at most `limit` bytes each."
+    shards, cur, size = [], {}, 0
+    for k, v in state.items():
+        if cur and size + _nbytes(v) > limit: shards.append(cur); cur, size = {}, 0
+        cur[k], size = v, size + _nbytes(v)
+    shards.append(cur)
+    return shards
+
+# %% ../../nbs/07_hf.ipynb #4f8a1c56
+def _write_files(d: Path, config: ModelConfig, shards: list[dict], dtype: torch.dtype):
+    "config.json, generation_config.json and the safetensors `shards` (with their index when more than one) into `d`."
+    (d / "config.json").write_text(json.dumps(config_to_hf(config, dtype), indent=2) + "\n")
+    gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
+    (d / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    if len(shards) == 1:
+        save_file(shards[0], d / "model.safetensors", metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, d / name, metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    total = sum(_nbytes(v) for s in shards for v in s.values())
+    (d / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+
+# %% ../../nbs/07_hf.ipynb #7d4c2a09
+def _fresh_dir(parent: Path, name: str) -> Path:
+    "A new, empty directory `parent/.name.<random>` made by `mkdir`, so its mode follows the umask."
+    while True:
+        d = parent / f".{name}.{secrets.token_hex(4)}"
+        try: d.mkdir(); return d
+        except FileExistsError: continue
+
+def _public_modes(d: Path):
+    "Give the files in `d` the mode `open` gives under the umask that `mkdir` applied to `d` itself (not safetensors' 0600)."
+    mask = 0o777 & ~os.stat(d).st_mode
+    for f in d.iterdir(): os.chmod(f, 0o666 & ~mask)
+
+# %% ../../nbs/07_hf.ipynb #3a9c6d57
 def save_hf(model: Qwen3Model, path, dtype=None, max_shard_size="5GB", overwrite: bool = False) -> Path:
     "Write `model` as a HF checkpoint directory (config.json + safetensors) that transformers loads."
     path, config = Path(path), model.config
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True to replace it, or choose a new path")
-    mt = model_type(config)
-    km, dtype = KEY_MAPS[mt], _dtype(dtype)
-    state = {}
-    for k, v in model.state_dict().items():
-        hk = km.to_hf(k)
-        if hk is None: raise ValueError(f"no HF name for parameter {k!r}: add a pattern to KEY_MAPS[{mt!r}]")
-        state[hk] = v
-    for _, save in reversed(STATE_TRANSFORMS[mt]): state = save(state, config)
-    state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in state.items()}
-    out_dtype = dtype or next(iter(state.values())).dtype
-
-    limit, shards, cur, size = _parse_size(max_shard_size), [], {}, 0
-    for k, v in state.items():
-        nbytes = v.numel() * v.element_size()
-        if cur and size + nbytes > limit: shards.append(cur); cur, size = {}, 0
-        cur[k], size = v, size + nbytes
-    shards.append(cur)
-
+    state = _hf_state(model, _dtype(dtype))
+    shards = _shards(state, _parse_size(max_shard_size))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = _fresh_dir(path.parent, path.name)
     try:
-        (tmp / "config.json").write_text(json.dumps(config_to_hf(config, out_dtype), indent=2) + "\n")
-        gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-        if len(shards) == 1: save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards, 1):
-                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, tmp / name, metadata={"format": "pt"})
-                weight_map.update({k: name for k in shard})
-            total = sum(v.numel() * v.element_size() for v in state.values())
-            (tmp / "model.safetensors.index.json").write_text(
-                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+        _write_files(tmp, config, shards, next(iter(state.values())).dtype)
+        _public_modes(tmp)
         if path.exists(): shutil.rmtree(path)
         os.replace(tmp, path)
     finally:

@@ -9,6 +9,7 @@ __all__ = ['mrope_position_ids', 'MultimodalOutput', 'Qwen3VLModel']
 from dataclasses import dataclass
 
 import torch
+from fastcore.basics import patch
 from torch import nn
 
 from .attention import KVCache
@@ -24,6 +25,33 @@ def _runs(is_img: torch.Tensor) -> list[tuple[bool, int, int]]:
     cuts = [0] + (torch.nonzero(is_img[1:] != is_img[:-1]).flatten() + 1).tolist() + [n]
     return [(bool(is_img[a]), a, b) for a, b in zip(cuts[:-1], cuts[1:])]
 
+# %% ../../nbs/09_multimodal.ipynb #5c2a8e71
+def _image_run_positions(grids, n_tokens: int, start: int, row: int, merge: int) -> tuple[torch.Tensor, int]:
+    "Positions `(3, n_tokens)` of a run of image tokens from `start`, taking grids from the iterator `grids`; and the next position."
+    pieces, cur, left = [], start, n_tokens
+    while left > 0:
+        t, h, w = next(grids, (0, 0, 0))
+        if t == 0: raise ValueError(f"row {row} has more <|image_pad|> tokens than image_grid_thw covers: pass "
+                                    f"one grid per image, in order, and expand each placeholder to t*h*w/{merge ** 2}")
+        gh, gw = h // merge, w // merge
+        if t * gh * gw > left:
+            raise ValueError(f"row {row}: an image of grid {[t, h, w]} needs {t * gh * gw} <|image_pad|> tokens, "
+                             f"only {left} follow: expand each image placeholder to t*h*w/{merge ** 2} tokens")
+        tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(gh), torch.arange(gw), indexing="ij")
+        pieces.append(torch.stack([tt, hh, ww]).view(3, -1) + cur)  # (3, t*gh*gw)
+        cur += max(gh, gw); left -= t * gh * gw
+    return torch.cat(pieces, 1), cur
+
+# %% ../../nbs/09_multimodal.ipynb #6f1d3b27
+def _row_positions(ids: torch.Tensor, grids, row: int, image_token_id: int, merge: int) -> torch.Tensor:
+    "Positions `(3, n)` of one row's unpadded `ids`: text counts up, image runs follow their grids."
+    pieces, cur = [], 0
+    for is_img, start, end in _runs(ids == image_token_id):
+        if is_img: p, cur = _image_run_positions(grids, end - start, cur, row, merge)
+        else: p = torch.arange(cur, cur + end - start).expand(3, -1); cur += end - start
+        pieces.append(p)
+    return torch.cat(pieces, 1) if pieces else torch.zeros(3, 0, dtype=torch.long)
+
 def mrope_position_ids(input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None, image_token_id: int,
                        merge: int = 2, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     "(t, h, w) positions `(3, B, T)` and the decoding deltas `(B,)` = max position + 1 - number of tokens."
@@ -33,25 +61,7 @@ def mrope_position_ids(input_ids: torch.Tensor, image_grid_thw: torch.Tensor | N
     deltas = []
     for b in range(B):
         keep = attention_mask[b].bool() if attention_mask is not None else torch.ones(T, dtype=torch.bool, device=input_ids.device)
-        ids = input_ids[b][keep]
-        pieces, cur = [], 0
-        for is_img, start, end in _runs(ids == image_token_id):
-            if not is_img:
-                pieces.append(torch.arange(cur, cur + end - start).expand(3, -1)); cur += end - start
-                continue
-            left = end - start
-            while left > 0:
-                t, h, w = next(grids, (0, 0, 0))
-                if t == 0: raise ValueError(f"row {b} has more <|image_pad|> tokens than image_grid_thw covers: pass "
-                                            f"one grid per image, in order, and expand each placeholder to t*h*w/{merge ** 2}")
-                gh, gw = h // merge, w // merge
-                if t * gh * gw > left:
-                    raise ValueError(f"row {b}: an image of grid {[t, h, w]} needs {t * gh * gw} <|image_pad|> tokens, "
-                                     f"only {left} follow: expand each image placeholder to t*h*w/{merge ** 2} tokens")
-                tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(gh), torch.arange(gw), indexing="ij")
-                pieces.append(torch.stack([tt, hh, ww]).view(3, -1) + cur)  # (3, t*gh*gw)
-                cur += max(gh, gw); left -= t * gh * gw
-        p = torch.cat(pieces, 1) if pieces else torch.zeros(3, 0, dtype=torch.long)
+        p = _row_positions(input_ids[b][keep], grids, b, image_token_id, merge)
         pos[:, b, keep] = p.to(pos.device)
         deltas.append(int(p.max()) + 1 - p.shape[1] if p.numel() else 0)
     if next(grids, None) is not None:
@@ -85,34 +95,44 @@ class Qwen3VLModel(nn.Module):
         return mrope_position_ids(input_ids, image_grid_thw, self.config.image_token_id,
                                   self.config.vision_merger_spatial_factor, attention_mask)
 
-    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                image_grid_thw: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, kv_cache: KVCache | None = None,
-                position_ids: torch.Tensor | None = None, logits_to_keep: int = 0) -> MultimodalOutput:
-        "Logits (and loss with `labels`) for `input_ids` `(B, T)` whose `<|image_pad|>` tokens stand for the images."
-        lm, B, T = self.language_model, *input_ids.shape
-        x = lm.embed_tokens(input_ids)                                                 # (B, T, d)
-        vis_mask = deepstack = None
-        if pixel_values is not None:
-            if image_grid_thw is None: raise ValueError("pixel_values without image_grid_thw: pass both (ImageProcessor returns both)")
-            tokens, deepstack = self.visual(pixel_values, image_grid_thw)             # (n_visual, d), levels
-            vis_mask = input_ids == self.config.image_token_id                         # (B, T)
-            n = int(vis_mask.sum())
-            if n != tokens.shape[0]:
-                raise ValueError(f"input_ids hold {n} <|image_pad|> tokens but the images make {tokens.shape[0]} visual "
-                                 f"tokens: expand each image's placeholder to t*h*w/{self.config.vision_merger_spatial_factor ** 2} "
-                                 f"tokens (MultimodalCollator does)")
-            x = x.masked_scatter(vis_mask[..., None], tokens.to(x.dtype))
-        deltas = None
-        if position_ids is None:
-            if kv_cache is None or kv_cache.pos == 0:  # a whole prompt: positions from the image grids
-                position_ids, deltas = self.position_ids(input_ids, image_grid_thw, attention_mask)
-                if kv_cache is not None: kv_cache.rope_deltas = deltas  # the cache carries the sequence's delta
-            else:  # decoding: text continues at cache position + delta
-                deltas = getattr(kv_cache, "rope_deltas", None)
-                if deltas is None: deltas = torch.zeros(B, dtype=torch.long, device=x.device)
-                p = torch.arange(kv_cache.pos, kv_cache.pos + T, device=x.device)[None] + deltas[:, None]  # (B, T)
-                position_ids = p[None].expand(3, -1, -1)
-        out = lm(inputs_embeds=x, position_ids=position_ids, attention_mask=attention_mask, labels=labels,
-                 kv_cache=kv_cache, logits_to_keep=logits_to_keep, visual_pos_mask=vis_mask, deepstack_embeds=deepstack)
-        return MultimodalOutput(**vars(out), rope_deltas=deltas)
+# %% ../../nbs/09_multimodal.ipynb #4b9f2e07
+def _place_visual_tokens(x: torch.Tensor, input_ids: torch.Tensor, tokens: torch.Tensor, image_token_id: int, merge: int):
+    "`x` `(B, T, d)` with its `<|image_pad|>` positions replaced by `tokens` `(n, d)` in order; and that mask `(B, T)`."
+    vis_mask = input_ids == image_token_id                                         # (B, T)
+    n = int(vis_mask.sum())
+    if n != tokens.shape[0]:
+        raise ValueError(f"input_ids hold {n} <|image_pad|> tokens but the images make {tokens.shape[0]} visual "
+                         f"tokens: expand each image's placeholder to t*h*w/{merge ** 2} tokens (MultimodalCollator does)")
+    return x.masked_scatter(vis_mask[..., None], tokens.to(x.dtype)), vis_mask
+
+def _decode_position_ids(kv_cache: KVCache, B: int, T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    "Position ids `(3, B, T)` of `T` new text tokens: cache position + the prompt's delta (0 without one); and the deltas."
+    deltas = getattr(kv_cache, "rope_deltas", None)
+    if deltas is None: deltas = torch.zeros(B, dtype=torch.long, device=device)
+    p = torch.arange(kv_cache.pos, kv_cache.pos + T, device=device)[None] + deltas[:, None]  # (B, T)
+    return p[None].expand(3, -1, -1), deltas
+
+# %% ../../nbs/09_multimodal.ipynb #2e7b5a90
+@patch
+def forward(self: Qwen3VLModel, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+             image_grid_thw: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+             labels: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+             position_ids: torch.Tensor | None = None, logits_to_keep: int = 0) -> MultimodalOutput:
+    "Logits (and loss with `labels`) for `input_ids` `(B, T)` whose `<|image_pad|>` tokens stand for the images."
+    lm, B, T = self.language_model, *input_ids.shape
+    x = lm.embed_tokens(input_ids)                                                 # (B, T, d)
+    vis_mask = deepstack = None
+    if pixel_values is not None:
+        if image_grid_thw is None: raise ValueError("pixel_values without image_grid_thw: pass both (ImageProcessor returns both)")
+        tokens, deepstack = self.visual(pixel_values, image_grid_thw)             # (n_visual, d), levels
+        x, vis_mask = _place_visual_tokens(x, input_ids, tokens, self.config.image_token_id,
+                                           self.config.vision_merger_spatial_factor)
+    deltas = None
+    if position_ids is None:
+        if kv_cache is None or kv_cache.pos == 0:  # a whole prompt: positions from the image grids
+            position_ids, deltas = self.position_ids(input_ids, image_grid_thw, attention_mask)
+            if kv_cache is not None: kv_cache.rope_deltas = deltas  # the cache carries the sequence's delta
+        else: position_ids, deltas = _decode_position_ids(kv_cache, B, T, x.device)  # decoding: text continues
+    out = lm(inputs_embeds=x, position_ids=position_ids, attention_mask=attention_mask, labels=labels,
+             kv_cache=kv_cache, logits_to_keep=logits_to_keep, visual_pos_mask=vis_mask, deepstack_embeds=deepstack)
+    return MultimodalOutput(**vars(out), rope_deltas=deltas)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from fastcore.basics import patch
 from PIL import Image, UnidentifiedImageError
 
 from ..config import ModelConfig
@@ -93,30 +94,35 @@ class ImageProcessor:
         h, w = self.target_size(height, width)
         return (h // self.factor) * (w // self.factor)
 
-    def normalize(self, image: Image.Image) -> torch.Tensor:
-        "Resized RGB image -> `(C, H, W)` float32, (x / 255 - mean) / std."
-        x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)  # (C, H, W) uint8
-        x = (x.to(torch.float64) * (1 / 255)).to(torch.float32)  # transformers rescales in float64
-        return (x - self.mean) / self.std
+# %% ../../../nbs/08a_image_processor.ipynb #2c8f6b35
+@patch
+def normalize(self: ImageProcessor, image: Image.Image) -> torch.Tensor:
+    "Resized RGB image -> `(C, H, W)` float32, (x / 255 - mean) / std."
+    x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)  # (C, H, W) uint8
+    x = (x.to(torch.float64) * (1 / 255)).to(torch.float32)  # transformers rescales in float64
+    return (x - self.mean) / self.std
 
-    def patchify(self, x: torch.Tensor) -> torch.Tensor:
-        "`(C, H, W)` -> `(g_h * g_w, C*T*P*P)` in merge-block order, each frame repeated T times."
-        C, H, W = x.shape
-        P, m, T = self.patch_size, self.merge_size, self.temporal_patch_size
-        gh, gw = H // P, W // P
-        x = x.reshape(C, gh // m, m, P, gw // m, m, P).permute(1, 4, 2, 5, 0, 3, 6)  # (gh/m, gw/m, m, m, C, P, P)
-        x = x.unsqueeze(5).expand(*x.shape[:5], T, P, P)                            # (..., C, T, P, P)
-        return x.reshape(gh * gw, C * T * P * P)
+@patch
+def patchify(self: ImageProcessor, x: torch.Tensor) -> torch.Tensor:
+    "`(C, H, W)` -> `(g_h * g_w, C*T*P*P)` in merge-block order, each frame repeated T times."
+    C, H, W = x.shape
+    P, m, T = self.patch_size, self.merge_size, self.temporal_patch_size
+    gh, gw = H // P, W // P
+    x = x.reshape(C, gh // m, m, P, gw // m, m, P).permute(1, 4, 2, 5, 0, 3, 6)  # (gh/m, gw/m, m, m, C, P, P)
+    x = x.unsqueeze(5).expand(*x.shape[:5], T, P, P)                            # (..., C, T, P, P)
+    return x.reshape(gh * gw, C * T * P * P)
 
-    def __call__(self, images) -> dict:
-        "`pixel_values` `(Σ patches, C*T*P*P)` float32 and `image_grid_thw` `(n_images, 3)` int64."
-        if not isinstance(images, (list, tuple)): images = [images]
-        if not images: raise ValueError("ImageProcessor: no images given")
-        pixels, grids = [], []
-        for img in images:
-            img = load_image(img)
-            h, w = self.target_size(img.height, img.width)
-            x = self.normalize(img.resize((w, h), resample=Image.Resampling.BICUBIC))
-            pixels.append(self.patchify(x))
-            grids.append([1, h // self.patch_size, w // self.patch_size])
-        return {"pixel_values": torch.cat(pixels), "image_grid_thw": torch.tensor(grids, dtype=torch.long)}
+# %% ../../../nbs/08a_image_processor.ipynb #3b5e1d72
+@patch
+def __call__(self: ImageProcessor, images) -> dict:
+    "`pixel_values` `(Σ patches, C*T*P*P)` float32 and `image_grid_thw` `(n_images, 3)` int64."
+    if not isinstance(images, (list, tuple)): images = [images]
+    if not images: raise ValueError("ImageProcessor: no images given")
+    pixels, grids = [], []
+    for img in images:
+        img = load_image(img)
+        h, w = self.target_size(img.height, img.width)
+        x = self.normalize(img.resize((w, h), resample=Image.Resampling.BICUBIC))
+        pixels.append(self.patchify(x))
+        grids.append([1, h // self.patch_size, w // self.patch_size])
+    return {"pixel_values": torch.cat(pixels), "image_grid_thw": torch.tensor(grids, dtype=torch.long)}
