@@ -10,7 +10,7 @@ transformers 5.17 has two expert implementations: "eager" (a Python loop over th
 bare `Qwen3MoeSparseMoeBlock` runs) and "grouped_mm" (what `from_config` / `from_pretrained` pick on a GPU); both
 are timed. Ours: the same block with PyTorch permutation ops or the Triton dispatch/combine kernels, experts as two
 `torch._grouped_mm` calls, and the Triton variant under torch.compile; in the model, also the Triton variant with each
-decoder layer's forward and backward replayed as CUDA graphs (`cuda_graph_layers`, nbs/36_cuda_graphs).
+decoder layer's forward and backward replayed as CUDA graphs (`cuda_graph_layers`, nbs/27_cuda_graphs).
 Model: a 12-layer model of the same MoE shape (16 Q / 8 KV heads of 128, vocab 151936, untied), one training step
 (forward + backward of the LM loss) on B4 x S2048; tokens/s and MFU of the active parameters against the GPU's dense
 bf16 datasheet peak. Every number is the median over --rounds interleaved rounds of --reps timed calls (CUDA events,

@@ -73,7 +73,7 @@ def build(cfg: ModelConfig, dev, dtype, with_triton: bool, compile_blocks: bool 
         ours = VisionModel(cfg.replace(kernels=k)).to(dev, dtype).train()
         ours.load_state_dict(ref)
         if comp:  # each ViT block and merger compiled (fixed shapes): LayerNorm, GELU, RoPE, residuals fused around GEMMs
-            from qwen3_scratch.training.cuda_graphs import compile_vision
+            from qwen3_scratch.model.vision.encoder import compile_vision
             compile_vision(ours, mode=compile_mode)
         label = ("PyTorch ops" if k == "torch" else "Triton kernels") + (" + torch.compile per block" if comp else "")
         label += " + CUDA graph" if graph else ""
@@ -171,7 +171,7 @@ def main():
     gpu = torch.cuda.get_device_name()
     compiled_with = (f"mode {args.compile_mode!r}" if args.compile_mode else
                      "inductor options `VISION_INDUCTOR_OPTIONS`: coordinate-descent tuning, multi-kernel reductions, "
-                     "no mix-order reduction; `nbs/36_cuda_graphs`")
+                     "no mix-order reduction; `nbs/08_vision`")
     text = f"""# Vision encoder benchmark: forward + backward
 
 Qwen3-VL-8B's vision tower (transformers' `Qwen3VLVisionConfig` defaults: 27 blocks, width 1152, 16 heads of 72,
@@ -188,7 +188,7 @@ random projection of the merged tokens and the three DeepStack features. Median 
 - ours (PyTorch ops + torch.compile per block): the PyTorch-ops model with each ViT block and merger `torch.compile`d
   by `compile_vision` ({compiled_with}).
 - ours (... + CUDA graph): that model's whole forward and backward recorded once per image grid and replayed
-  (`cuda_graph_vision`, `nbs/36_cuda_graphs`); its peak memory counts the recording.
+  (`cuda_graph_vision`, `nbs/27_cuda_graphs`); its peak memory counts the recording.
 
 {gpu}, {datetime.date.today()}, torch {torch.__version__}, triton {triton.__version__}, transformers {transformers.__version__}.
 Command: `python benchmarks/bench_vision.py{" " + " ".join(sys.argv[1:]) if sys.argv[1:] else ""}`.

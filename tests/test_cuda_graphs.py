@@ -1,6 +1,12 @@
 """CUDA graphs of the decoder layers and of the vision encoder (training/cuda_graphs.py): replay equals eager, through
-optimizer steps and under autocast, and every call the graphs cannot take is refused or runs eagerly."""
+optimizer steps and under autocast, and every call the graphs cannot take is refused or runs eagerly. Also the trace
+arithmetic of benchmarks/profile_launch_gaps.py, on a made-up trace."""
 import copy
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +16,7 @@ from qwen3_scratch.model.transformer import Qwen3Model
 from qwen3_scratch.training.cuda_graphs import cuda_graph_layers
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+GAPS = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_launch_gaps.py"
 
 
 def tiny(**kw) -> ModelConfig:
@@ -100,3 +107,43 @@ def test_refusals_name_the_fix():
     out.loss.backward()
     m2(ids, labels=ids).loss.backward()                          # after the backward: fine again
     assert g.replayed == 2 * cfg.num_hidden_layers
+
+
+def test_compile_vision_is_reexported():
+    from qwen3_scratch.model.vision import encoder
+    from qwen3_scratch.training import cuda_graphs
+    assert cuda_graphs.compile_vision is encoder.compile_vision  # it moved to the vision module (nbs/08_vision)
+    assert cuda_graphs.VISION_INDUCTOR_OPTIONS is encoder.VISION_INDUCTOR_OPTIONS
+    assert {"compile_vision", "VISION_INDUCTOR_OPTIONS", "cuda_graph_layers"} <= set(cuda_graphs.__all__)
+
+
+def _launch_gaps():
+    spec = importlib.util.spec_from_file_location("profile_launch_gaps", GAPS)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_launch_gap_trace_arithmetic():
+    lg = _launch_gaps()
+    X = lambda cat, name, ts, dur: {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur}
+    events = [X("user_annotation", lg.STEP + "0", 100.0, 100.0), X("user_annotation", lg.STEP + "1", 300.0, 100.0),
+              X("kernel", "a", 110.0, 10.0), X("kernel", "b", 115.0, 10.0),      # b overlaps a (another stream)
+              X("gpu_memset", "Memset", 150.0, 10.0), X("cpu_op", "aten::mm", 120.0, 50.0),  # host work is no GPU time
+              X("kernel", "c", 310.0, 20.0), X("user_annotation", "other", 0.0, 1000.0)]
+    steps = lg.step_kernels(events)
+    assert [[k[2] for k in s] for s in steps] == [["a", "b", "Memset"], ["c"]]
+    st = lg.step_stats(steps[0], show=2)
+    # span 110..160 us; busy: 110..125 and 150..160 = 25 us (the overlap once); summed kernel time 30 us
+    assert (st["profiled_step_ms"], st["busy_ms"], st["kernel_ms"], st["idle_share"], st["n_kernels"]) == (0.05, 0.025, 0.03, 0.5, 3)
+    assert st["intervals"] == [[0.0, 10.0, "a"], [5.0, 10.0, "b"]]
+    text = lg.dumps({"modes": {"eager": st}})
+    assert '[5.0, 10.0, "b"]' in text and json.loads(text)["modes"]["eager"] == st  # one interval a line, same data
+    with pytest.raises(RuntimeError, match="no GPU kernels"): lg.step_kernels(events[:2])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given on a machine without CUDA")
+def test_launch_gaps_script_needs_cuda(tmp_path):
+    out = tmp_path / "gaps.json"
+    r = subprocess.run([sys.executable, str(GAPS), "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "needs a CUDA GPU" in r.stderr and not out.exists()

@@ -1,6 +1,7 @@
 """Qwen3-VL vision side: ImageProcessor against transformers' processor (bit for bit) and its errors; the vision encoder
 against transformers' Qwen3VLVisionModel (outputs, DeepStack features, gradients); the Triton path against the PyTorch
-path (Triton's interpreter on CPU, the GPU with CUDA)."""
+path (Triton's interpreter on CPU, the GPU with CUDA); compile_vision against the eager encoder."""
+import copy
 import io
 
 import numpy as np
@@ -53,7 +54,7 @@ def test_processor_defaults_are_qwen3_vl():
     assert out["image_grid_thw"].tolist() == [[1, 28, 28], [1, 56, 56]]
     assert out["pixel_values"].shape == (28 * 28 + 56 * 56, 3 * 2 * 16 * 16)
     assert p.num_image_tokens(448, 448) == 196
-    assert ImageProcessor.from_config(ModelConfig(vision_patch_size=14)).factor == 28  # the seed's patch 14 as a value
+    assert ImageProcessor.from_config(ModelConfig(vision_patch_size=14)).factor == 28  # Qwen2-VL's patch 14, as a value
     for h, w in [(5, 5), (123, 4567), (4096, 4096), (9000, 7000)]:
         th, tw = smart_resize(h, w)
         assert th % 32 == 0 and tw % 32 == 0 and 65536 <= th * tw <= 16777216
@@ -150,3 +151,25 @@ def test_triton_path_equals_torch_path():
     for n, p in ref.named_parameters():
         if p.grad is not None:  # norm-wise: TF32 rounding on a GPU moves single elements of large gradients
             assert ((p.grad - fp[n].grad).norm() / p.grad.norm()).item() < (1e-2 if GPU else 1e-4), n
+
+
+def test_compile_vision_equals_eager():
+    from qwen3_scratch.model.vision.encoder import VISION_INDUCTOR_OPTIONS, _inductor_knows, compile_vision
+    assert all(_inductor_knows(k) for k in VISION_INDUCTOR_OPTIONS)  # every option known to the pinned torch
+    ours, _ = hf_pair()
+    ours.train()
+    comp = compile_vision(copy.deepcopy(ours), backend="aot_eager")  # inductor's input graphs, run op by op
+    g = torch.Generator().manual_seed(3)
+    grid = torch.tensor([[1, 8, 12], [1, 4, 8]])
+    px = torch.randn(int(grid.prod(-1).sum()), 96, generator=g)
+    try:
+        outs = []
+        for m in (ours, comp):
+            tok, ds = m(px, grid)
+            (tok.square().mean() + sum(d.square().mean() for d in ds)).backward()
+            outs.append([tok, *ds] + [p.grad for p in m.parameters()])
+        for a, b in zip(*outs): assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="already compiled"): compile_vision(comp)
+        with pytest.raises(ValueError, match="not both"): compile_vision(ours, mode="max-autotune", options={})
+        with pytest.raises(TypeError, match="VisionModel"): compile_vision(torch.nn.Linear(2, 2))
+    finally: torch._dynamo.reset()
