@@ -14,7 +14,7 @@ model); ours with PyTorch ops + torch.compile per decoder layer; ours with Trito
 (--precision amp, what scripts/train.py runs). Median over --reps timed steps (CUDA events) after --warmup steps, one
 implementation at a time (each with its own copy of the weights and optimizer state); MFU = (6 N + 6 L H D S) FLOPs per token (nbs/34_logger) over the GPU's dense bf16 peak. Then a
 torch.profiler table of the top kernels of our fastest variant.
-(b) learning: scripts/train.py's Trainer on the debug model (Qwen3 vocabulary, 23M parameters), stage s1 only, on the
+(b) learning: scripts/train.py's Pretrainer on the debug model (Qwen3 vocabulary, 23M parameters), stage s1 only, on the
 Shakespeare + Pride and Prejudice texts of --data (a folder holding them anywhere below it, e.g. ../shared/data or a
 copy in .gpu/data), for --minutes of training (steps set from a short calibration run, capped at --max-epochs passes
 over the text); validation loss curve to benchmarks/train_val_loss.png and the final value to train.md.
@@ -160,7 +160,8 @@ def _find_texts(data: Path) -> dict:
 
 
 def learning(a, work: Path) -> list[str]:
-    from qwen3_scratch.training.pretrain import Trainer, load_train_config
+    from qwen3_scratch.training.config import load_train_config
+    from qwen3_scratch.training.pretrain import Pretrainer
     from qwen3_scratch.training.logger import plot_loss_curve
     texts = _find_texts(Path(a.data))
     mix = {p: 0.5 for p in texts.values()}
@@ -168,18 +169,17 @@ def learning(a, work: Path) -> list[str]:
             "intermediate_size": 128, "kernels": "torch"}
     seq, mbs = (64, 4) if a.smoke else (a.learn_seq, a.learn_batch)
     def conf(out, steps, minutes=None):
-        over = {"out_dir": str(out), "model": "debug", "run_stages": ["s1"], "export_hf": False,
+        over = {"out_dir": str(out), "model": {"preset": "debug", **({"overrides": TINY} if a.smoke else {})},
                 "data": {"source": "local", "cache_dir": str(work / "cache"), "val_fraction": 0.01},
-                "optim": {"lr": a.lr, "warmup_steps": max(1, min(100, steps // 20)), "min_lr_ratio": 0.1},
-                "train": {"micro_batch_size": mbs, "grad_accum": 1, "log_every": max(1, steps // 20),
-                          "val_every": max(1, steps // 25), "val_batches": 8 if not a.smoke else 2, "ckpt_every": 10**9,
-                          "time_limit_min": minutes, "compile": False},
-                "logging": {"progress": False, "tensorboard": False, "plot": False},
-                "stages": {"s1": {"seq_len": seq, "steps": steps, "local_mixture": mix, "rope_theta": 1e6}}}
-        if a.smoke: over["model_overrides"] = TINY
+                "optim": {"lr": a.lr}, "schedule": {"warmup_steps": max(1, min(100, steps // 20)), "min_lr_ratio": 0.1},
+                "train": {"micro_batch_size": mbs, "grad_accum": 1, "val_every": max(1, steps // 25),
+                          "val_batches": 8 if not a.smoke else 2, "time_limit_min": minutes, "compile": False},
+                "checkpoint": {"every": 10**9, "export_hf": False},
+                "log": {"every": max(1, steps // 20), "progress": False, "tensorboard": False, "plot": False},
+                "pretrain": {"run_stages": ["s1"], "stages": {"s1": {"seq_len": seq, "steps": steps, "local_mixture": mix, "rope_theta": 1e6}}}}
         return load_train_config("pretrain_debug", over)
     # calibration: a few steps to time one, then as many as fit the budget (capped at --max-epochs passes)
-    cal = Trainer(conf(work / "calib", 6))
+    cal = Pretrainer(conf(work / "calib", 6))
     t0 = time.perf_counter(); cal.run(); t_cal = time.perf_counter() - t0
     recs = read_metrics(work / "calib" / "metrics.jsonl")
     step_s = statistics.median(r["step_time"] for r in recs[2:]) if len(recs) > 3 else recs[-1]["step_time"]
@@ -191,7 +191,7 @@ def learning(a, work: Path) -> list[str]:
           f"training {steps} steps", flush=True)
     out = work / "learn"
     t0 = time.perf_counter()
-    res = Trainer(conf(out, steps, minutes=a.minutes)).run()
+    res = Pretrainer(conf(out, steps, minutes=a.minutes)).run()
     wall = time.perf_counter() - t0
     recs = read_metrics(out / "metrics.jsonl")
     png = (a.out_dir / "train_val_loss_smoke.png") if a.smoke else ROOT / "benchmarks" / "train_val_loss.png"

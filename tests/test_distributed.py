@@ -1,0 +1,98 @@
+"""distributed/ on 2 gloo ranks (CPU): the mesh and rank helpers, DDP and FSDP2 from `parallelize` (with gradient
+accumulation through `gradient_sync`) equal to one process on the same global batch, and the MoE balancing loss over
+the global batch through `SumOverRanks`."""
+import copy, os, socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from qwen3_scratch.distributed.data_parallel import SumOverRanks, gradient_sync
+from qwen3_scratch.distributed.parallel import ParallelDims, all_reduce_sum_, barrier, get_rank, get_world_size
+from qwen3_scratch.distributed.parallelize import parallelize
+from qwen3_scratch.model.config import ModelConfig
+from qwen3_scratch.model.moe import load_balancing_loss
+from qwen3_scratch.model.transformer import Qwen3Model
+
+CFG = dict(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+           intermediate_size=64, kernels="torch")
+
+
+def _port():
+    with socket.socket() as s: s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
+
+
+def _spawn(fn, *args):
+    mp.spawn(_entry, args=(fn, _port(), args), nprocs=2, join=True)
+
+
+def _entry(rank, fn, port, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try: fn(rank, *args)
+    finally:
+        dist.barrier(); dist.destroy_process_group()
+
+
+def _grads(model):
+    return {n.replace("module.", ""): (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+            for n, p in model.named_parameters()}
+
+
+def _helpers(rank):
+    assert (get_rank(), get_world_size()) == (rank, 2)
+    pd = ParallelDims(world_size=2)
+    mesh = pd.build_mesh("cpu")
+    assert mesh.mesh_dim_names == ("dp",) and mesh.size() == 2 and pd.build_mesh("cpu") is mesh
+    t = all_reduce_sum_(torch.tensor([float(rank + 1)]))
+    assert t.item() == 3.0
+    barrier()
+
+
+
+
+def _data_parallel(rank, fsdp):
+    torch.manual_seed(0)
+    plain = Qwen3Model(ModelConfig.from_preset("debug", **CFG))
+    ids = torch.randint(0, 300, (4, 16), generator=torch.Generator().manual_seed(1)); labels = torch.roll(ids, -1, 1)
+    ref = copy.deepcopy(plain)
+    ref(ids, labels=labels).loss.backward()                       # one process, the whole global batch of 4
+    dp = parallelize(copy.deepcopy(plain), ParallelDims(world_size=2, fsdp=fsdp))
+    mine = slice(2 * rank, 2 * rank + 2)                           # this rank's half, in 2 micro-batches of 1
+    for i in range(2):
+        row = slice(mine.start + i, mine.start + i + 1)
+        with gradient_sync(dp, i == 1): (dp(ids[row], labels=labels[row]).loss / 2).backward()
+    want, got = _grads(ref), _grads(dp)
+    for n in want: torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+
+
+def _moe_balance(rank):
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("debug", **{**CFG, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16})
+    model = Qwen3Model(cfg)
+    ids = torch.randint(0, 300, (4, 16), generator=torch.Generator().manual_seed(2))
+    full = model(ids).aux_loss                                     # balancing over the global batch, one process
+    model.moe_all_reduce = lambda v: SumOverRanks.apply(v, None)
+    half = model(ids[2 * rank:2 * rank + 2]).aux_loss             # this rank's half, statistics summed over ranks
+    torch.testing.assert_close(half, full, rtol=1e-6, atol=1e-7)
+    model.zero_grad(); half.backward()
+    g = torch.cat([p.grad.flatten() for n, p in model.named_parameters() if "gate" in n and p.grad is not None])
+    all_reduce_sum_(g)                                             # what DDP's gradient all-reduce adds up
+    model.zero_grad(); model.moe_all_reduce = None; full.backward()
+    want = torch.cat([p.grad.flatten() for n, p in model.named_parameters() if "gate" in n and p.grad is not None])
+    torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-7)
+
+
+def _all(rank):
+    _helpers(rank)
+    for fsdp in (False, True): _data_parallel(rank, fsdp)
+    _moe_balance(rank)
+
+
+def test_two_ranks():
+    """One pair of processes (starting them costs more than the checks) runs: the mesh and rank helpers; DDP, then FSDP2,
+    equal to one process on the same global batch; the MoE balancing loss and its router gradient over the global batch."""
+    _spawn(_all)
