@@ -6,7 +6,7 @@
 #   bash benchmarks/run_gpu_checks.sh bench-moe      # benchmarks/bench_moe.py
 #   bash benchmarks/run_gpu_checks.sh all
 # On a 2-GPU host, `tests` also runs tests/test_pretrain.py's NCCL test (DDP, FSDP2, resume on 1 GPU); it skips on one GPU.
-# Wheels the GPU image lacks (nbdev and its deps, quicktok-v1, liger-kernel) travel in .whl/; results go to $OUT.
+# Wheels the GPU image lacks (fastcore, nbdev and its deps, quicktok-v1, liger-kernel) travel in .whl/; results go to $OUT.
 set -uo pipefail
 MODE=${1:-all}; shift || true
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"

@@ -44,11 +44,11 @@ def _stdlib_files() -> list[Path]:
 def stdlib_code(max_chars: int) -> list[str]:
     "Source files of the Python standard library (tests excluded), sorted by path, up to `max_chars` characters."
     docs, n = [], 0
-    for p in _stdlib_files():
-        try: t = p.read_text(encoding="utf-8")
+    for path in _stdlib_files():
+        try: text = path.read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError): continue
-        if not t.strip(): continue
-        docs.append(t); n += len(t)
+        if not text.strip(): continue
+        docs.append(text); n += len(text)
         if n >= max_chars: break
     return docs
 
@@ -56,8 +56,8 @@ def stdlib_code(max_chars: int) -> list[str]:
 def stdlib_docs(max_chars: int) -> list[str]:
     "Docstrings of the standard library's modules, classes and functions, one document per module, up to `max_chars`."
     docs, n = [], 0
-    for p in _stdlib_files():
-        try: tree = ast.parse(p.read_text(encoding="utf-8"))
+    for path in _stdlib_files():
+        try: tree = ast.parse(path.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError, OSError, ValueError): continue
         parts = [ast.get_docstring(x, clean=True) for x in [tree, *ast.walk(tree)]
                  if isinstance(x, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
@@ -81,11 +81,11 @@ def split_val(docs: list[str], fraction: float, min_chars: int = 0) -> tuple[lis
                                       f"use more text, a lower data.val_fraction or a shorter seq_len")
     train, val = list(docs), []
     while want > 0:
-        d = train.pop()
-        if len(d) <= want: val.insert(0, d); want -= len(d); continue
-        cut = d.find("\n", len(d) - want)
-        cut = len(d) - want if cut < 0 else cut + 1
-        train.append(d[:cut]); val.insert(0, d[cut:]); want = 0
+        doc = train.pop()
+        if len(doc) <= want: val.insert(0, doc); want -= len(doc); continue
+        cut = doc.find("\n", len(doc) - want)
+        cut = len(doc) - want if cut < 0 else cut + 1
+        train.append(doc[:cut]); val.insert(0, doc[cut:]); want = 0
     return train, val
 
 # %% ../../nbs/16_corpora.ipynb #2746e25c
@@ -111,8 +111,8 @@ def read_local(name, data_dir=None, max_chars: int = 4_000_000) -> tuple[list[st
     if isinstance(name, str) and name in SHARED_CORPORA:
         rel, fallback = SHARED_CORPORA[name]
         if data_dir is not None and (data_dir / rel).is_file():
-            p = data_dir / rel
-            return [strip_gutenberg(p.read_text(encoding="utf-8"))], f"{name} ({p})"
+            path = data_dir / rel
+            return [strip_gutenberg(path.read_text(encoding="utf-8"))], f"{name} ({path})"
         name = fallback
     if name == "stdlib_code": return stdlib_code(max_chars), f"stdlib_code (Python {sys.version.split()[0]})"
     if name == "stdlib_docs": return stdlib_docs(max_chars), f"stdlib_docs (Python {sys.version.split()[0]})"
@@ -123,9 +123,9 @@ def read_hub(name: str, max_chars: int, data_dir=None) -> tuple[list[str], str]:
     try: rows = raw_rows(name, data_dir=data_dir, streaming=True)
     except (ConnectionError, FileNotFoundError, ValueError) as e: raise DataError(str(e)) from None
     docs, n = [], 0
-    for r in rows:
-        t = r.get("text")
-        if isinstance(t, str) and t.strip(): docs.append(t); n += len(t)
+    for row in rows:
+        text = row.get("text")
+        if isinstance(text, str) and text.strip(): docs.append(text); n += len(text)
         if n >= max_chars: break
     return docs, f"{name} (Hub, {n:,} chars)"
 
@@ -171,18 +171,18 @@ class MixtureDataset(torch.utils.data.Dataset):
         self.names = [k for k in parts if weights.get(k, 0) > 0]
         if not self.names: raise DataError("the data mixture has no source with a positive weight: give one a weight > 0")
         self.parts = [parts[k] for k in self.names]
-        w = np.array([weights[k] for k in self.names], dtype=np.float64)
-        n = sum(len(p) for p in self.parts)
-        counts = np.maximum(1, np.round(w / w.sum() * n)).astype(np.int64)
+        share = np.array([weights[k] for k in self.names], dtype=np.float64)
+        slots = sum(len(p) for p in self.parts)
+        counts = np.maximum(1, np.round(share / share.sum() * slots)).astype(np.int64)
         self.ends = np.cumsum(counts)
 
     def __len__(self) -> int: return int(self.ends[-1])
 
     def __getitem__(self, i: int):
         if not 0 <= i < len(self): raise IndexError(f"slot {i} of {len(self)}")
-        k = int(np.searchsorted(self.ends, i, side="right"))
-        j = i - (int(self.ends[k - 1]) if k else 0)
-        return self.parts[k][j % len(self.parts[k])]
+        part = int(np.searchsorted(self.ends, i, side="right"))
+        offset = i - (int(self.ends[part - 1]) if part else 0)
+        return self.parts[part][offset % len(self.parts[part])]
 
 # %% ../../nbs/16_corpora.ipynb #d66079a1
 def hub_reachable(timeout: float = 2.0) -> bool:

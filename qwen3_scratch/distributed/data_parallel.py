@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['apply_fsdp', 'apply_ddp', 'gradient_sync', 'SumOverRanks', 'attach_moe_all_reduce']
 
-# %% ../../nbs/21_data_parallel.ipynb #90eb2009
+# %% ../../nbs/21_data_parallel.ipynb #f0242f84
 from contextlib import nullcontext
 
 import torch
@@ -14,11 +14,14 @@ from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
-# %% ../../nbs/21_data_parallel.ipynb #052694f7
-def apply_fsdp(model: nn.Module, mesh, reshard_after_forward: bool = True) -> nn.Module:
+# %% ../../nbs/21_data_parallel.ipynb #d657012d
+def apply_fsdp(model: nn.Module, mesh, reshard_after_forward: bool | None = None) -> nn.Module:
     "Shard `model` over `mesh` with FSDP2: each decoder layer, then the root. Returns `model` (now an FSDP module)."
-    for layer in model.layers: fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    return fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    # None: torch's default (recent torch: layers free their gathered weights after the forward, the root keeps its
+    # own, the embedding / LM head the backward starts with, which saves one all-gather a step)
+    kw = {} if reshard_after_forward is None else {"reshard_after_forward": reshard_after_forward}
+    for layer in model.layers: fully_shard(layer, mesh=mesh, **kw)
+    return fully_shard(model, mesh=mesh, **kw)
 
 def apply_ddp(model: nn.Module, mesh) -> DistributedDataParallel:
     "Replicate `model` over `mesh`'s process group with DDP (gradients all-reduced in the backward)."
@@ -26,7 +29,7 @@ def apply_ddp(model: nn.Module, mesh) -> DistributedDataParallel:
     return DistributedDataParallel(model, process_group=mesh.get_group(),
                                    device_ids=[dev.index] if dev.type == "cuda" else None)
 
-# %% ../../nbs/21_data_parallel.ipynb #dd8b7af5
+# %% ../../nbs/21_data_parallel.ipynb #d45333a4
 def gradient_sync(module: nn.Module, enabled: bool):
     "Context for one micro-batch's backward: reduce gradients over ranks only when `enabled` (DDP and FSDP2; else a no-op)."
     if hasattr(module, "set_requires_gradient_sync"):
@@ -35,7 +38,7 @@ def gradient_sync(module: nn.Module, enabled: bool):
     if hasattr(module, "no_sync") and not enabled: return module.no_sync()
     return nullcontext()
 
-# %% ../../nbs/21_data_parallel.ipynb #697b222b
+# %% ../../nbs/21_data_parallel.ipynb #d60a1f41
 class SumOverRanks(torch.autograd.Function):
     "All-reduce sum in the forward; the backward passes the local gradient through (each rank owns its tokens' share)."
     @staticmethod

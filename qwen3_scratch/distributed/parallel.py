@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['is_distributed', 'get_rank', 'get_world_size', 'barrier', 'all_reduce_sum_', 'init_distributed', 'ParallelDims']
 
-# %% ../../nbs/20_parallel_dims.ipynb #f3615eb6
+# %% ../../nbs/20_parallel_dims.ipynb #5ff14985
 import os
 from dataclasses import dataclass, field
 
@@ -16,7 +16,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from ..errors import ConfigError
 
-# %% ../../nbs/20_parallel_dims.ipynb #08c35cb4
+# %% ../../nbs/20_parallel_dims.ipynb #6eabe12c
 def is_distributed() -> bool:
     "Whether a process group is running."
     return dist.is_available() and dist.is_initialized()
@@ -38,7 +38,7 @@ def all_reduce_sum_(t: torch.Tensor, group=None) -> torch.Tensor:
     if is_distributed(): dist.all_reduce(t, group=group)
     return t
 
-# %% ../../nbs/20_parallel_dims.ipynb #2f5a0f4b
+# %% ../../nbs/20_parallel_dims.ipynb #54de6a01
 def init_distributed(device: str = "auto") -> tuple[int, int, torch.device]:
     "`(rank, world_size, device)` from torchrun's environment; starts the process group when there are several processes."
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -52,7 +52,7 @@ def init_distributed(device: str = "auto") -> tuple[int, int, torch.device]:
     if world > 1 and not is_distributed(): dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return get_rank(), get_world_size(), device
 
-# %% ../../nbs/20_parallel_dims.ipynb #02bcffdf
+# %% ../../nbs/20_parallel_dims.ipynb #2b5b79cf
 @dataclass
 class ParallelDims:
     "The parallel degrees of a run; `dp=-1` takes the rest of the world. Checked on construction."
@@ -80,7 +80,7 @@ class ParallelDims:
             raise ConfigError(f"distributed.ep_size={self.ep} must divide the data x context parallel ranks ({self.dp} x {self.cp}): "
                               f"expert parallelism spreads the experts over ranks that hold different tokens; pick an ep_size that divides {self.dp * self.cp}")
 
-# %% ../../nbs/20_parallel_dims.ipynb #c75b96f5
+# %% ../../nbs/20_parallel_dims.ipynb #3b41ec41
 @patch
 def _product_msg(self: ParallelDims, rest: int, dp) -> str:
     got = f"dp {dp} x " if dp is not None else ""
@@ -96,26 +96,26 @@ def mesh_shape(self: ParallelDims) -> list[tuple[str, int]]:
     "(name, size) of each mesh dimension larger than 1, outermost first: pp, dp, cp, tp."
     return [(n, s) for n, s in (("pp", self.pp), ("dp", self.dp), ("cp", self.cp), ("tp", self.tp)) if s > 1]
 
-# %% ../../nbs/20_parallel_dims.ipynb #62c3350a
+# %% ../../nbs/20_parallel_dims.ipynb #92287a90
 @patch
 def check_model(self: ParallelDims, config, seq_len: int | None = None) -> "ParallelDims":
     "Refuse degrees that `config`'s shapes (and `seq_len`) cannot be split by; returns self."
-    c = config
-    if c.num_attention_heads % self.tp or c.num_key_value_heads % self.tp:
-        raise ConfigError(f"distributed.tp_size={self.tp} must divide the {c.num_attention_heads} attention heads and the "
-                          f"{c.num_key_value_heads} key/value heads: pick a tp_size that divides both")
-    if self.ep > 1 and (not c.num_experts or c.num_experts % self.ep):
-        raise ConfigError(f"distributed.ep_size={self.ep} must divide the model's {c.num_experts} experts"
-                          + ("" if c.num_experts else " (a dense model has none: set ep_size=1)"))
+    heads, kv_heads, experts = config.num_attention_heads, config.num_key_value_heads, config.num_experts
+    if heads % self.tp or kv_heads % self.tp:
+        raise ConfigError(f"distributed.tp_size={self.tp} must divide the {heads} attention heads and the "
+                          f"{kv_heads} key/value heads: pick a tp_size that divides both")
+    if self.ep > 1 and (not experts or experts % self.ep):
+        raise ConfigError(f"distributed.ep_size={self.ep} must divide the model's {experts} experts"
+                          + ("" if experts else " (a dense model has none: set ep_size=1)"))
     if seq_len is not None and self.cp > 1 and seq_len % (2 * self.cp):
         raise ConfigError(f"sequence length {seq_len} must be divisible by 2 x distributed.cp_size = {2 * self.cp} "
                           f"(ring attention gives each rank two chunks): change seq_len or cp_size")
-    if c.num_hidden_layers < self.pp:
-        raise ConfigError(f"distributed.pp_size={self.pp} pipeline stages but the model has {c.num_hidden_layers} layers: "
-                          f"use at most {c.num_hidden_layers} stages")
+    if config.num_hidden_layers < self.pp:
+        raise ConfigError(f"distributed.pp_size={self.pp} pipeline stages but the model has {config.num_hidden_layers} layers: "
+                          f"use at most {config.num_hidden_layers} stages")
     return self
 
-# %% ../../nbs/20_parallel_dims.ipynb #8db7347c
+# %% ../../nbs/20_parallel_dims.ipynb #be51aa86
 @patch
 def build_mesh(self: ParallelDims, device_type: str = "cpu"):
     "Create (once) and return the DeviceMesh of these degrees; None on one process."

@@ -293,10 +293,10 @@ def available_train_configs() -> list[str]:
     return sorted(p.name[:-5] for p in d.iterdir() if p.name.endswith(".yaml"))
 
 def _config_file(name) -> Path:
-    p = Path(str(name))
-    if p.suffix in (".yaml", ".yml") or p.is_file():
-        _require(p.is_file(), f"training config {p} does not exist: pass a packaged name ({', '.join(available_train_configs())}) or an existing YAML file")
-        return p
+    path = Path(str(name))
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        _require(path.is_file(), f"training config {path} does not exist: pass a packaged name ({', '.join(available_train_configs())}) or an existing YAML file")
+        return path
     names = available_train_configs()
     if name not in names:
         close = difflib.get_close_matches(str(name), names, n=1)
@@ -334,33 +334,33 @@ def parse_overrides(items) -> dict:
     out = {}
     for it in items or []:
         _require("=" in it, f"override {it!r} is not key=value: write e.g. optim.lr=3e-4")
-        k, v = it.split("=", 1)
-        try: val = yaml.safe_load(v) if v.strip() else None
-        except yaml.YAMLError: val = v
-        d, parts = out, k.strip().split(".")
-        for p in parts[:-1]:
-            if not isinstance(d.get(p), dict): d[p] = {}
-            d = d[p]
-        d[parts[-1]] = val
+        key, text = it.split("=", 1)
+        try: val = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError: val = text
+        node, parts = out, key.strip().split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict): node[part] = {}
+            node = node[part]
+        node[parts[-1]] = val
     return out
 
 # %% ../../nbs/31a_train_config.ipynb #a1abac03
 def _read_yaml(name, seen=()) -> dict:
     "The dict of config file `name` over its `base:` chain."
-    p = _config_file(name)
-    try: d = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e: raise ConfigError(f"{p} is not valid YAML ({str(e).splitlines()[0]}): fix the file") from None
-    _require(isinstance(d, dict), f"{p} must hold a mapping of config keys, got {type(d).__name__}")
-    base = d.pop("base", None)
-    if base is None: return d
-    _require(str(base) not in seen, f"{p}: base configs loop through {base!r}")
-    return merge_config(_read_yaml(base, seen + (str(base),)), d)
+    path = _config_file(name)
+    try: data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e: raise ConfigError(f"{path} is not valid YAML ({str(e).splitlines()[0]}): fix the file") from None
+    _require(isinstance(data, dict), f"{path} must hold a mapping of config keys, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None: return data
+    _require(str(base) not in seen, f"{path}: base configs loop through {base!r}")
+    return merge_config(_read_yaml(base, seen + (str(base),)), data)
 
 def load_train_config(name_or_path="pretrain", overrides=None, stage: str | None = None) -> TrainingConfig:
     "The training config `name_or_path` over its `base`, then `overrides` (key=value strings or a nested dict), checked."
-    d = _read_yaml(name_or_path)
+    data = _read_yaml(name_or_path)
     over = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
-    cfg = from_dict(TrainingConfig, merge_config(d, over)).validate()
+    cfg = from_dict(TrainingConfig, merge_config(data, over)).validate()
     if stage is not None and cfg.stage != stage:
         raise ConfigError(f"{name_or_path} is a config for stage {cfg.stage!r}, not {stage!r}: run `scripts/train.py {cfg.stage}` "
                           f"or pass a {stage} config")

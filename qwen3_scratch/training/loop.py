@@ -78,12 +78,12 @@ class GlobalBatches:
     def __iter__(self): return self
 
     def _next_global(self) -> list[int]:
-        G, s = self.global_batch, self.sampler
-        if len(s) < G:
-            s.set_epoch(s.epoch + 1)
-            if len(s) < G: raise DataError(f"the training data has {len(s)} examples, fewer than one global batch of {G}: "
-                                           f"use more data, shorter sequences or a smaller batch")
-        return s.indices()[s.consumed:s.consumed + G].tolist()
+        size, sampler = self.global_batch, self.sampler
+        if len(sampler) < size:
+            sampler.set_epoch(sampler.epoch + 1)
+            if len(sampler) < size: raise DataError(f"the training data has {len(sampler)} examples, fewer than one global batch "
+                                                    f"of {size}: use more data, shorter sequences or a smaller batch")
+        return sampler.indices()[sampler.consumed:sampler.consumed + size].tolist()
 
 # %% ../../nbs/32_train_loop.ipynb #6223fad7
 @patch
@@ -160,21 +160,21 @@ def say(self: TrainLoop, msg: str):
 @patch
 def _accumulate(self: TrainLoop):
     "Forward and backward over one step's micro-batches: (mean loss, mean scalar metrics, summed tensors, batch hash)."
-    ga = self.cfg.train.grad_accum
+    accum = self.cfg.train.grad_accum
     loss_sum, means, sums, hashes = torch.zeros((), device=self.device), {}, {"tokens": 0}, []
-    for i in range(ga):
+    for i in range(accum):
         batch = next(self.batches)
         if isinstance(batch.get("input_ids"), torch.Tensor): hashes.append(batch_hash(batch["input_ids"]))
-        with gradient_sync(self.dp_model, i == ga - 1):
+        with gradient_sync(self.dp_model, i == accum - 1):
             with self.autocast(): loss, metrics = self.loss_fn(self.dp_model, batch)
             for cb in self.callbacks: loss = cb.on_loss(self, loss)
-            (loss / ga).backward()
+            (loss / accum).backward()
         loss_sum += loss.detach().float()
         for k, v in (metrics or {}).items():
             if k == "tokens" or (isinstance(v, torch.Tensor) and v.dim() > 0): sums[k] = sums.get(k, 0) + (v.detach() if isinstance(v, torch.Tensor) else v)
             else: means[k] = means.get(k, 0) + (v.detach().float() if isinstance(v, torch.Tensor) else float(v))
-    h = hashlib.sha1("".join(hashes).encode()).hexdigest()[:16] if hashes else None
-    return loss_sum / ga, {k: v / ga for k, v in means.items()}, sums, h
+    digest = hashlib.sha1("".join(hashes).encode()).hexdigest()[:16] if hashes else None
+    return loss_sum / accum, {k: v / accum for k, v in means.items()}, sums, digest
 
 # %% ../../nbs/32_train_loop.ipynb #ddaede01
 @patch
@@ -185,9 +185,9 @@ def _all_ranks(self: TrainLoop, loss, means: dict, sums: dict):
     if self.world > 1: vec = all_reduce_sum_(vec) / self.world
     out = {k: vec[i + 1].item() for i, k in enumerate(keys)}
     for k, v in sums.items():
-        t = torch.as_tensor(v, device=self.device)
-        if self.world > 1: t = all_reduce_sum_(t.clone())
-        out[k] = t.item() if t.dim() == 0 else t
+        total = torch.as_tensor(v, device=self.device)
+        if self.world > 1: total = all_reduce_sum_(total.clone())
+        out[k] = total.item() if total.dim() == 0 else total
     return vec[0], out
 
 # %% ../../nbs/32_train_loop.ipynb #b097160c
@@ -206,27 +206,27 @@ def summarize_tensors(metrics: dict) -> dict:
 @patch
 def train_step(self: TrainLoop) -> dict:
     "One optimizer step over `grad_accum` micro-batches: clip, skip if non-finite, step; returns the step's log record."
-    t, st = self.cfg.train, self.state
-    t0 = time.perf_counter()
+    state, start = self.state, time.perf_counter()
     self.dp_model.train()
-    loss, means, sums, h = self._accumulate()
+    loss, means, sums, digest = self._accumulate()
     loss, metrics = self._all_ranks(loss, means, sums)
-    gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.max_norm, foreach=True)
-    if hasattr(gn, "full_tensor"): gn = gn.full_tensor()
-    ok = bool(torch.isfinite(loss)) and bool(torch.isfinite(gn))
+    grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.max_norm, foreach=True)
+    if hasattr(grad_norm, "full_tensor"): grad_norm = grad_norm.full_tensor()
+    ok = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
     lr = self.optimizer.param_groups[0]["lr"]
-    if ok: self.optimizer.step(); st.bad_run = 0
-    else: st.bad_total += 1; st.bad_run += 1
+    if ok: self.optimizer.step(); state.bad_run = 0
+    else: state.bad_total += 1; state.bad_run += 1
     self.optimizer.zero_grad(set_to_none=True)
     if self.scheduler is not None: self.scheduler.step()
-    ntok = int(metrics.pop("tokens"))
-    st.step += 1; st.stage_step += 1; st.tokens_seen += ntok
-    loss_f = loss.item()                                      # syncs the device: the step's time is complete
-    dt = time.perf_counter() - t0
-    tps = ntok / dt if ntok else None
-    return {**self.tags, "loss": loss_f, "lr": lr, "grad_norm": gn.item(), "tokens_seen": st.tokens_seen, "tokens_per_sec": tps,
-            "step_time": dt, "batch_hash": h, "mfu": mfu(tps, self.flops_per_token, self.peak, self.world) if tps and self.flops_per_token else None,
-            "skipped": not ok, "bad_steps": st.bad_total, **summarize_tensors(metrics)}
+    tokens = int(metrics.pop("tokens"))
+    state.step += 1; state.stage_step += 1; state.tokens_seen += tokens
+    loss_value = loss.item()                                  # syncs the device: the step's time is complete
+    seconds = time.perf_counter() - start
+    per_sec = tokens / seconds if tokens else None
+    util = mfu(per_sec, self.flops_per_token, self.peak, self.world) if per_sec and self.flops_per_token else None
+    return {**self.tags, "loss": loss_value, "lr": lr, "grad_norm": grad_norm.item(), "tokens_seen": state.tokens_seen,
+            "tokens_per_sec": per_sec, "step_time": seconds, "batch_hash": digest, "mfu": util, "skipped": not ok,
+            "bad_steps": state.bad_total, **summarize_tensors(metrics)}
 
 # %% ../../nbs/32_train_loop.ipynb #e9e464e2
 @patch
@@ -243,13 +243,13 @@ def run_validation(self: TrainLoop) -> dict:
 @patch
 def save(self: TrainLoop) -> Path:
     "Checkpoint everything at the current step (collective); returns its directory."
-    st = self.state
-    extra = {"stage_step": st.stage_step, "stage_done": st.stage_step >= getattr(self, "total_steps", math.inf),
-             "bad_total": st.bad_total, "bad_run": st.bad_run, "last_val": st.last_val,
+    state = self.state
+    extra = {"stage_step": state.stage_step, "stage_done": state.stage_step >= getattr(self, "total_steps", math.inf),
+             "bad_total": state.bad_total, "bad_run": state.bad_run, "last_val": state.last_val,
              **(self.extra_state() if self.extra_state else {})}
-    p = self.checkpointer.save(st.step, self.model, self.optimizer, self.scheduler, self.batches, st.tokens_seen, extra=extra)
-    for cb in self.callbacks: cb.on_checkpoint(self, p)
-    return p
+    path = self.checkpointer.save(state.step, self.model, self.optimizer, self.scheduler, self.batches, state.tokens_seen, extra=extra)
+    for cb in self.callbacks: cb.on_checkpoint(self, path)
+    return path
 
 # %% ../../nbs/32_train_loop.ipynb #3f737263
 @patch
@@ -261,10 +261,10 @@ def load(self: TrainLoop, path, full: bool = True) -> dict:
     except (RuntimeError, KeyError, ValueError) as e:
         raise CheckpointError(f"could not load {path} into this run ({type(e).__name__}: {str(e).splitlines()[0][:300]}): "
                               f"pass the model config and data it was trained with, or another checkpoint") from None
-    ex, st = info["extra"] or {}, self.state
-    st.step, st.tokens_seen = info["step"], info["tokens_seen"]
-    st.bad_total, st.bad_run, st.last_val = ex.get("bad_total", 0), ex.get("bad_run", 0), ex.get("last_val")
-    st.stage_step = ex.get("stage_step", 0) if full else 0
+    extra, state = info["extra"] or {}, self.state
+    state.step, state.tokens_seen = info["step"], info["tokens_seen"]
+    state.bad_total, state.bad_run, state.last_val = extra.get("bad_total", 0), extra.get("bad_run", 0), extra.get("last_val")
+    state.stage_step = extra.get("stage_step", 0) if full else 0
     return info
 
 def refuse_to_overwrite(ckpt_dir):
@@ -290,45 +290,45 @@ def _start(self: TrainLoop, steps: int):
 
 # %% ../../nbs/32_train_loop.ipynb #89981a63
 @patch
-def _report(self: TrainLoop, rec: dict, k: int, steps: int, first: bool, last: bool):
-    st, every = self.state, self.cfg.log.every
-    self.logger.log(st.step, {**rec, "stage_step": k}, tb=k % every == 0 or last or "val_loss" in rec)
+def _report(self: TrainLoop, rec: dict, stage_step: int, steps: int, first: bool, last: bool):
+    state, every = self.state, self.cfg.log.every
+    self.logger.log(state.step, {**rec, "stage_step": stage_step}, tb=stage_step % every == 0 or last or "val_loss" in rec)
     self.progress.update(1, loss=rec["loss"], tok_s=f"{rec['tokens_per_sec']:,.0f}" if rec["tokens_per_sec"] else "")
     if rec["skipped"]:
-        self.say(f"step {st.step}: non-finite loss or gradient norm ({rec['loss']}, {rec['grad_norm']}): update skipped "
-                 f"({st.bad_run} in a row, {st.bad_total} in all)")
-    if k % every == 0 or last or first:
-        m = f", MFU {rec['mfu']:.1%}" if rec.get("mfu") is not None else ""
-        v = f", val {rec['val_loss']:.4f}" if "val_loss" in rec else ""
-        a = f", aux {rec['aux_loss']:.4f}" if "aux_loss" in rec else ""
-        tps = f", {rec['tokens_per_sec']:,.0f} tok/s" if rec["tokens_per_sec"] else ""
-        self.say(f"{self.name} step {k}/{steps} (global {st.step}): loss {rec['loss']:.4f}{v}{a}, lr {rec['lr']:.2e}, "
-                 f"grad norm {rec['grad_norm']:.3f}{tps}{m}")
+        self.say(f"step {state.step}: non-finite loss or gradient norm ({rec['loss']}, {rec['grad_norm']}): update skipped "
+                 f"({state.bad_run} in a row, {state.bad_total} in all)")
+    if stage_step % every == 0 or last or first:
+        val = f", val {rec['val_loss']:.4f}" if "val_loss" in rec else ""
+        aux = f", aux {rec['aux_loss']:.4f}" if "aux_loss" in rec else ""
+        speed = f", {rec['tokens_per_sec']:,.0f} tok/s" if rec["tokens_per_sec"] else ""
+        util = f", MFU {rec['mfu']:.1%}" if rec.get("mfu") is not None else ""
+        self.say(f"{self.name} step {stage_step}/{steps} (global {state.step}): loss {rec['loss']:.4f}{val}{aux}, "
+                 f"lr {rec['lr']:.2e}, grad norm {rec['grad_norm']:.3f}{speed}{util}")
 
 # %% ../../nbs/32_train_loop.ipynb #ba26b84a
 @patch
 def run(self: TrainLoop, steps: int) -> dict:
     "Train until this run has taken `steps` steps (or the time limit passes); validate, save and log on the way."
-    cfg, st = self.cfg, self.state
+    cfg, state = self.cfg, self.state
     self._start(steps)
-    start = st.stage_step
+    start = state.stage_step
     try:
-        while st.stage_step < steps:
+        while state.stage_step < steps:
             rec = self.train_step()
-            k = st.stage_step
+            done = state.stage_step
             self.out_of_time = self.deadline is not None and time.perf_counter() >= self.deadline
-            last = k == steps or self.out_of_time
-            if k % cfg.train.val_every == 0 or last: rec.update(self.run_validation())
-            self._report(rec, k, steps, first=k == start + 1, last=last)
+            last = done == steps or self.out_of_time
+            if done % cfg.train.val_every == 0 or last: rec.update(self.run_validation())
+            self._report(rec, done, steps, first=done == start + 1, last=last)
             for cb in self.callbacks: cb.on_step_end(self, rec)
-            if st.bad_run >= cfg.train.max_bad_steps:
-                p = self.save()
-                raise TooManyBadSteps(f"{st.bad_run} non-finite losses in a row at step {st.step} (limit train.max_bad_steps="
-                                      f"{cfg.train.max_bad_steps}): stopped after saving {p}. Lower optim.lr, check the data, "
+            if state.bad_run >= cfg.train.max_bad_steps:
+                path = self.save()
+                raise TooManyBadSteps(f"{state.bad_run} non-finite losses in a row at step {state.step} (limit train.max_bad_steps="
+                                      f"{cfg.train.max_bad_steps}): stopped after saving {path}. Lower optim.lr, check the data, "
                                       f"then --resume latest")
-            if k % cfg.checkpoint.every == 0 or last: self.save()
+            if done % cfg.checkpoint.every == 0 or last: self.save()
             if self.out_of_time:
-                self.say(f"train.time_limit_min={cfg.train.time_limit_min} reached at {self.name} step {k}/{steps}: saved; "
+                self.say(f"train.time_limit_min={cfg.train.time_limit_min} reached at {self.name} step {done}/{steps}: saved; "
                          f"--resume latest continues"); break
     finally:
         self.progress.close(); self.progress = None
@@ -340,9 +340,9 @@ def run(self: TrainLoop, steps: int) -> dict:
 # %% ../../nbs/32_train_loop.ipynb #2b7d0646
 @patch
 def summary(self: TrainLoop) -> dict:
-    st = self.state
-    return {"step": st.step, "tokens_seen": st.tokens_seen, "val_loss": st.last_val, "validation": self.last_validation,
-            "bad_steps": st.bad_total, "stopped_early": self.out_of_time, "checkpoint": str(self.checkpointer.dir),
+    state = self.state
+    return {"step": state.step, "tokens_seen": state.tokens_seen, "val_loss": state.last_val, "validation": self.last_validation,
+            "bad_steps": state.bad_total, "stopped_early": self.out_of_time, "checkpoint": str(self.checkpointer.dir),
             "metrics": str(self.out / "metrics.jsonl")}
 
 @patch

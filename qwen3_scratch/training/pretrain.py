@@ -31,9 +31,9 @@ from .scheduler import build_scheduler
 # %% ../../nbs/35_pretrain.ipynb #d59b9413
 def stage_sources(cfg: TrainingConfig, stage: str) -> tuple[dict, str]:
     "`({source: weight}, 'hub' | 'local' | 'files')` of pretraining stage `stage`."
-    d, spec = cfg.data, cfg.pretrain.stages[stage]
-    if d.files: return {"files": 1.0}, "files"
-    src = d.source
+    data, spec = cfg.data, cfg.pretrain.stages[stage]
+    if data.files: return {"files": 1.0}, "files"
+    src = data.source
     if src == "auto": src = "hub" if spec.mixture and hub_reachable() else "local"
     mix = spec.mixture if src == "hub" else spec.local_mixture
     if not mix: raise ConfigError(f"pretrain.stages.{stage}.{'mixture' if src == 'hub' else 'local_mixture'} is empty: "
@@ -41,29 +41,29 @@ def stage_sources(cfg: TrainingConfig, stage: str) -> tuple[dict, str]:
     return dict(mix), src
 
 def _source_key(src: str, name: str, cfg: TrainingConfig, tok_fp: str, min_val: int) -> str:
-    d = cfg.data
-    return cache_key(src, name, d.val_fraction, min_val, tok_fp, d.local_max_chars if src != "hub" else d.hub_max_chars,
+    data = cfg.data
+    return cache_key(src, name, data.val_fraction, min_val, tok_fp, data.local_max_chars if src != "hub" else data.hub_max_chars,
                      sys.version.split()[0] if name.startswith("stdlib") or name in SHARED_CORPORA else None,
-                     str(default_data_dir(d.data_dir)) if src != "hub" else None, *([d.files] if src == "files" else []))
+                     str(default_data_dir(data.data_dir)) if src != "hub" else None, *([data.files] if src == "files" else []))
 
-# %% ../../nbs/35_pretrain.ipynb #1413e05b
+# %% ../../nbs/35_pretrain.ipynb #a181c1d0
 def _reader(cfg: TrainingConfig, src: str, name: str, mix: dict):
     "A function reading source `name` of a stage's mixture `mix`."
-    d = cfg.data
-    if src == "hub": return lambda: read_hub(name, int(d.hub_max_chars * mix[name] / sum(mix.values())), d.data_dir)
-    return lambda: read_local(d.files if src == "files" else name, d.data_dir, d.local_max_chars)
+    data = cfg.data
+    if src == "hub": return lambda: read_hub(name, int(data.hub_max_chars * mix[name] / sum(mix.values())), data.data_dir)
+    return lambda: read_local(data.files if src == "files" else name, data.data_dir, data.local_max_chars)
 
 def build_stage_data(cfg: TrainingConfig, stage: str, tokenizer, out_dir, echo=print) -> dict:
     "Train / val `MixtureDataset`s of `stage` (tokenised into the cache once) and a description of the sources."
-    L, d = cfg.pretrain.stages[stage].seq_len, cfg.data
+    seq_len, data = cfg.pretrain.stages[stage].seq_len, cfg.data
     mix, src = stage_sources(cfg, stage)
-    cache, min_val = Path(d.cache_dir or Path(out_dir) / "data_cache"), 8 * (L + 1)   # ~2 windows at >= 4 characters a token
+    cache, min_val = Path(data.cache_dir or Path(out_dir) / "data_cache"), 8 * (seq_len + 1)   # ~2 windows at >= 4 chars a token
     train, val, desc = {}, {}, []
     for name in mix:
         base = cache / f"{name}-{_source_key(src, name, cfg, tokenizer.fingerprint, min_val)}"   # shared by stages reading it alike
-        build_cached_corpus(base, _reader(cfg, src, name, mix), tokenizer, val_fraction=d.val_fraction, min_val_chars=min_val,
-                            num_proc=d.num_proc, progress=cfg.log.progress, echo=echo, label=f"{stage}: {name}")
-        try: train[name], val[name] = open_corpus(base, L, tokenizer, seed=cfg.seed)
+        build_cached_corpus(base, _reader(cfg, src, name, mix), tokenizer, val_fraction=data.val_fraction, min_val_chars=min_val,
+                            num_proc=data.num_proc, progress=cfg.log.progress, echo=echo, label=f"{stage}: {name}")
+        try: train[name], val[name] = open_corpus(base, seq_len, tokenizer, seed=cfg.seed)
         except DataError as e: raise DataError(f"stage {stage}, source {name!r}: {e} (or lower pretrain.stages.{stage}.seq_len)") from None
         what = (base / "source.txt").read_text().strip() if (base / "source.txt").is_file() else name
         desc.append(f"{name}={mix[name]:g}: {what}, {train[name].n_tokens:,} train / {val[name].n_tokens:,} val tokens")
@@ -76,11 +76,11 @@ def stage_model_config(base: ModelConfig, spec) -> ModelConfig:
     "`base` with stage `spec`'s RoPE: `rope_theta` (ABF), YaRN `rope_scaling`, and a context of at least `seq_len`."
     ch = {"max_position_embeddings": max(base.max_position_embeddings, spec.seq_len), "rope_scaling": None}
     if spec.rope_theta: ch["rope_theta"] = float(spec.rope_theta)
-    f = spec.yarn_factor
-    if f and f > 1:
-        orig = int(round(spec.seq_len / f))
-        ch["rope_scaling"] = {"rope_type": "yarn", "factor": float(f), "original_max_position_embeddings": orig}
-        ch["max_position_embeddings"] = int(round(orig * f))          # the trained context: consistent for transformers
+    factor = spec.yarn_factor
+    if factor and factor > 1:
+        orig = int(round(spec.seq_len / factor))
+        ch["rope_scaling"] = {"rope_type": "yarn", "factor": float(factor), "original_max_position_embeddings": orig}
+        ch["max_position_embeddings"] = int(round(orig * factor))     # the trained context: consistent for transformers
     return base.replace(**ch)
 
 def apply_stage_rope(model: Qwen3Model, config: ModelConfig) -> Qwen3Model:
@@ -92,7 +92,7 @@ def apply_stage_rope(model: Qwen3Model, config: ModelConfig) -> Qwen3Model:
     model.rotary_emb.reset_parameters()
     return model
 
-# %% ../../nbs/35_pretrain.ipynb #ece10b6f
+# %% ../../nbs/35_pretrain.ipynb #9ef3aec3
 def lm_loss(model, batch) -> tuple[torch.Tensor, dict]:
     "Next-token loss of a packed batch, and the metrics the loop logs (tokens; for MoE the balancing loss and expert load)."
     out = model(input_ids=batch["input_ids"], labels=batch["labels"], cu_seqlens=batch["cu_seqlens"])
@@ -102,19 +102,19 @@ def lm_loss(model, batch) -> tuple[torch.Tensor, dict]:
 
 def lm_validation(model, dataset, collate, micro_batch_size: int, batches: int, device) -> dict:
     "`{'val_loss': mean cross-entropy}` over `batches` fixed micro-batches of `dataset`, split over the ranks."
-    rank, world, mb = get_rank(), get_world_size(), micro_batch_size
+    rank, world, size = get_rank(), get_world_size(), micro_batch_size
     hook, model.moe_all_reduce = model.moe_all_reduce, None
-    tot = torch.zeros(2, device=device, dtype=torch.float64)
-    for j in range(rank, -(-batches // world) * world, world):
-        b = {k: v.to(device) for k, v in collate([dataset[(j * mb + i) % len(dataset)] for i in range(mb)]).items()}
-        out = model(input_ids=b["input_ids"], labels=b["labels"], cu_seqlens=b["cu_seqlens"])
+    total = torch.zeros(2, device=device, dtype=torch.float64)                   # (sum of losses, batches)
+    for j in range(rank, -(-batches // world) * world, world):                   # batch j of the fixed validation set
+        batch = {k: v.to(device) for k, v in collate([dataset[(j * size + i) % len(dataset)] for i in range(size)]).items()}
+        out = model(input_ids=batch["input_ids"], labels=batch["labels"], cu_seqlens=batch["cu_seqlens"])
         ce = out.loss - model.config.router_aux_loss_coef * out.aux_loss if out.aux_loss is not None else out.loss
-        tot += torch.stack([ce.double(), torch.ones((), device=device, dtype=torch.float64)])
+        total += torch.stack([ce.double(), torch.ones((), device=device, dtype=torch.float64)])
     model.moe_all_reduce = hook
-    all_reduce_sum_(tot)
-    return {"val_loss": (tot[0] / tot[1]).item()}
+    all_reduce_sum_(total)
+    return {"val_loss": (total[0] / total[1]).item()}
 
-# %% ../../nbs/35_pretrain.ipynb #24a40884
+# %% ../../nbs/35_pretrain.ipynb #36afb11c
 def resume_point(cfg: TrainingConfig, base: ModelConfig, resume) -> tuple[Path | None, dict | None]:
     "(checkpoint, its rank-0 state) to resume from (`'latest'` or a path), or (None, None); refuses another model or stage."
     if not resume: return None, None
@@ -152,7 +152,7 @@ class Pretrainer:
         self.model = self.dp_model = None
         self.state, self.data = LoopState(), None
 
-# %% ../../nbs/35_pretrain.ipynb #dd8ca00f
+# %% ../../nbs/35_pretrain.ipynb #b6c2d076
 from fastcore.basics import patch
 
 @patch
@@ -165,62 +165,63 @@ def _build_model(self: Pretrainer, config: ModelConfig):
     if self.model is not None: apply_stage_rope(self.model, config); return
     torch.manual_seed(self.cfg.seed)
     with torch.device(self.device): self.model = Qwen3Model(config)
-    t = self.cfg.train
-    self.dp_model = parallelize(self.model, self.parallel_dims, activation_checkpointing=t.activation_checkpointing, compile=t.compile)
+    train = self.cfg.train
+    self.dp_model = parallelize(self.model, self.parallel_dims, activation_checkpointing=train.activation_checkpointing,
+                                compile=train.compile)
 
 @patch
 def _optimizer(self: Pretrainer, stage: str):
     "A fresh AdamW and schedule for `stage`."
-    spec, o, s = self.cfg.pretrain.stages[stage], self.cfg.optim, self.cfg.schedule
-    warm = spec.warmup_steps if spec.warmup_steps is not None else s.warmup_steps
-    warm = min(warm, spec.steps - 1) if s.name == "cosine" else warm
+    spec, optim, sched = self.cfg.pretrain.stages[stage], self.cfg.optim, self.cfg.schedule
+    warm = spec.warmup_steps if spec.warmup_steps is not None else sched.warmup_steps
+    warm = min(warm, spec.steps - 1) if sched.name == "cosine" else warm
     try:
-        opt = build_optimizer(self.model, spec.lr or o.lr, o.weight_decay, tuple(o.betas), o.eps, o.fused)
-        return opt, build_scheduler(opt, s.name, warm, spec.steps, s.min_lr_ratio, s.decay_fraction)
+        opt = build_optimizer(self.model, spec.lr or optim.lr, optim.weight_decay, tuple(optim.betas), optim.eps, optim.fused)
+        return opt, build_scheduler(opt, sched.name, warm, spec.steps, sched.min_lr_ratio, sched.decay_fraction)
     except ValueError as e: raise ConfigError(f"stage {stage} optimizer/schedule: {e}") from None
 
-# %% ../../nbs/35_pretrain.ipynb #6a4a75fd
+# %% ../../nbs/35_pretrain.ipynb #79e6f008
 @patch
 def _stage_loop(self: Pretrainer, stage: str, si: int, data: dict, announce: bool) -> TrainLoop:
     "The training loop of `stage`: its optimizer, schedule, batches, validation and checkpoint extras."
-    cfg, t, spec = self.cfg, self.cfg.train, self.cfg.pretrain.stages[stage]
+    cfg, train, spec = self.cfg, self.cfg.train, self.cfg.pretrain.stages[stage]
     opt, sched = self._optimizer(stage)
     collate = TextCollator()
-    batches = GlobalBatches(data["train"], t.micro_batch_size, t.grad_accum, collate, seed=cfg.seed + si, rank=self.rank,
-                            world_size=self.parallel_dims.dp, device=self.device)
-    validate = partial(lm_validation, dataset=data["val"], collate=collate, micro_batch_size=t.micro_batch_size,
-                       batches=t.val_batches, device=self.device)
+    batches = GlobalBatches(data["train"], train.micro_batch_size, train.grad_accum, collate, seed=cfg.seed + si,
+                            rank=self.rank, world_size=self.parallel_dims.dp, device=self.device)
+    validate = partial(lm_validation, dataset=data["val"], collate=collate, micro_batch_size=train.micro_batch_size,
+                       batches=train.val_batches, device=self.device)
     return TrainLoop(self.model, opt, sched, batches, lm_loss, cfg, device=self.device, dp_model=self.dp_model,
                      validate=validate, flops_per_token=flops_per_token(self.model.config, spec.seq_len),
                      callbacks=self.callbacks, checkpointer=self.checkpointer, logger=self.logger, state=self.state,
                      extra_state=lambda: {"stage": stage, "model_config": self.model.config.to_dict()},
                      name=stage, tags={"stage": stage}, announce=announce, echo=self.echo)
 
-# %% ../../nbs/35_pretrain.ipynb #6d19d8c8
+# %% ../../nbs/35_pretrain.ipynb #4b49a6ca
 @patch
 def _enter_stage(self: Pretrainer, loop: TrainLoop, stage: str, offset: int, path, meta):
     "Load the resume checkpoint into `loop` (everything, or the weights after a finished stage) and set the step count."
-    spec, st = self.cfg.pretrain.stages[stage], self.state
-    st.stage_step = 0
+    spec, state = self.cfg.pretrain.stages[stage], self.state
+    state.stage_step = 0
     if path is not None:
         if meta["extra"]["stage_done"]:
             loop.load(path, full=False)
             self.say(f"resumed weights from {path} (end of stage {meta['extra']['stage']})")
         else:
             loop.load(path, full=True)
-            self.say(f"resumed {path}: stage {stage} step {st.stage_step}/{spec.steps}, {st.tokens_seen:,} tokens seen")
-    st.step = offset + st.stage_step
+            self.say(f"resumed {path}: stage {stage} step {state.stage_step}/{spec.steps}, {state.tokens_seen:,} tokens seen")
+    state.step = offset + state.stage_step
 
 @patch
 def _header(self: Pretrainer, stage: str, data: dict):
-    spec, mc = self.cfg.pretrain.stages[stage], self.model.config
-    rope = f"theta={mc.rope_theta:g}" + (f", YaRN x{mc.rope_scaling['factor']:g}" if mc.rope_scaling else "")
-    n = sum(p.numel() for p in self.model.parameters())
-    G = self.cfg.train.micro_batch_size * self.cfg.train.grad_accum * self.parallel_dims.dp
-    self.say(f"== stage {stage} ({spec.name}): {spec.steps} steps of {G} x {spec.seq_len} tokens, RoPE {rope}, "
-             f"{n / 1e6:.1f}M parameters on {self.world} x {self.device.type}; data ({data['kind']}): " + "; ".join(data["sources"]))
+    spec, config = self.cfg.pretrain.stages[stage], self.model.config
+    rope = f"theta={config.rope_theta:g}" + (f", YaRN x{config.rope_scaling['factor']:g}" if config.rope_scaling else "")
+    n_params = sum(p.numel() for p in self.model.parameters())
+    global_batch = self.cfg.train.micro_batch_size * self.cfg.train.grad_accum * self.parallel_dims.dp
+    self.say(f"== stage {stage} ({spec.name}): {spec.steps} steps of {global_batch} x {spec.seq_len} tokens, RoPE {rope}, "
+             f"{n_params / 1e6:.1f}M parameters on {self.world} x {self.device.type}; data ({data['kind']}): " + "; ".join(data["sources"]))
 
-# %% ../../nbs/35_pretrain.ipynb #fc12fb9e
+# %% ../../nbs/35_pretrain.ipynb #e510de0e
 @patch
 def run(self: Pretrainer, resume=None) -> dict:
     "Train every stage of `pretrain.run_stages` (resuming from `resume`: a step_N path or 'latest'); returns a summary."
@@ -251,7 +252,7 @@ def run(self: Pretrainer, resume=None) -> dict:
         self.checkpointer.wait()
     return self._finish(loop)
 
-# %% ../../nbs/35_pretrain.ipynb #d7803ace
+# %% ../../nbs/35_pretrain.ipynb #4a31b3e8
 @patch
 def _finish(self: Pretrainer, loop) -> dict:
     if loop is not None: out = loop.finish(plot_title=f"pretraining {self.cfg.model.preset}")
