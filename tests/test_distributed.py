@@ -11,7 +11,6 @@ from qwen3_scratch.distributed.data_parallel import SumOverRanks, gradient_sync
 from qwen3_scratch.distributed.parallel import ParallelDims, all_reduce_sum_, barrier, get_rank, get_world_size
 from qwen3_scratch.distributed.parallelize import parallelize
 from qwen3_scratch.model.config import ModelConfig
-from qwen3_scratch.model.moe import load_balancing_loss
 from qwen3_scratch.model.transformer import Qwen3Model
 
 CFG = dict(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,

@@ -7,7 +7,7 @@ __all__ = ['PEAK_BF16', 'peak_flops', 'matmul_params', 'flops_per_token', 'mfu',
            'truncate_metrics', 'MetricsLogger', 'Progress', 'plot_loss_curve']
 
 # %% ../../nbs/34_logger.ipynb #00aca609
-import json, math, os, socket, sys, time
+import json, math, os, socket, sys
 from pathlib import Path
 
 import torch

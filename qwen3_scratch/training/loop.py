@@ -8,7 +8,6 @@ __all__ = ['AUTOCAST_DTYPES', 'bf16_is_fast', 'resolve_dtype', 'keep_freed_memor
 
 # %% ../../nbs/32_train_loop.ipynb #ff9a4c97
 import ctypes, hashlib, math, os, platform, time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 

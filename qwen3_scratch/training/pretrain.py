@@ -7,11 +7,12 @@ __all__ = ['ROPE_FIELDS', 'Trainer', 'TrainError', 'stage_sources', 'build_stage
            'lm_loss', 'lm_validation', 'resume_point', 'Pretrainer']
 
 # %% ../../nbs/35_pretrain.ipynb #9935003e
-import dataclasses, math, sys, time
+import dataclasses, sys, time
 from functools import partial
 from pathlib import Path
 
 import torch
+from fastcore.basics import patch
 
 from ..data.collator import TextCollator
 from ..data.corpora import (MixtureDataset, build_cached_corpus, cache_key, default_data_dir, hub_reachable,
@@ -22,8 +23,8 @@ from ..errors import CheckpointError, ConfigError, DataError, Qwen3Error
 from ..model.config import ModelConfig
 from ..model.transformer import Qwen3Model
 from .checkpoint import Checkpointer, check_architecture, checkpoint_meta, resolve_resume
-from .config import TrainingConfig, load_train_config
-from .logger import MetricsLogger, flops_per_token, plot_loss_curve
+from .config import TrainingConfig, load_train_config  # noqa: F401  (load_train_config: imported from here before)
+from .logger import MetricsLogger, flops_per_token
 from .loop import GlobalBatches, LoopState, TrainLoop, refuse_to_overwrite
 from .optimizer import build_optimizer
 from .scheduler import build_scheduler
@@ -153,8 +154,6 @@ class Pretrainer:
         self.state, self.data = LoopState(), None
 
 # %% ../../nbs/35_pretrain.ipynb #b6c2d076
-from fastcore.basics import patch
-
 @patch
 def say(self: Pretrainer, msg: str):
     if self.rank == 0: self.echo(msg)
