@@ -16,7 +16,15 @@ subcommand (sft, grpo, dpo, rm, eval, generate, chat, pipeline) says so in one l
 
     # 8 GPUs of one node (data parallel; FSDP2 with distributed.fsdp_enabled=true)
     torchrun --standalone --nproc_per_node 8 scripts/train.py pretrain model.preset=small
+    # 8 GPUs as FSDP 2 x TP 2 x PP 2 (any degrees in the YAML's distributed: section, nbs/29_parallelize)
+    torchrun --standalone --nproc_per_node 8 scripts/train.py pretrain model.preset=small distributed.fsdp_enabled=true \
+        distributed.tp_size=2 distributed.pp_size=2
     # or scripts/pretrain.sh, which also launches several nodes
+
+    # plan a layout before renting it: Qwen3-235B-A22B on 64 GPUs (one process, no GPU, a few seconds)
+    python scripts/train.py pretrain --dry-run --world-size 64 model.preset=large distributed.fsdp_enabled=true \
+        distributed.pp_size=4 distributed.ep_size=16 train.activation_checkpointing=full train.micro_batch_size=8 \
+        train.grad_accum=1 pretrain.run_stages=[s1]
 
 Exit codes: 0 done; 2 a config, data or checkpoint problem, or a planned subcommand (the message says what to do);
 3 the run stopped after train.max_bad_steps non-finite losses in a row (a checkpoint was saved first).
@@ -46,6 +54,7 @@ def pretrain(args, callbacks=()) -> int:
     if args.print_config:
         import dataclasses, yaml
         print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)); return 0
+    if args.dry_run: return dry_run(cfg, args)
     from qwen3_scratch.training.pretrain import Pretrainer
     res = Pretrainer(cfg, callbacks=callbacks).run(resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -53,6 +62,31 @@ def pretrain(args, callbacks=()) -> int:
         print(f"done: {res['step']} steps, {res['tokens_seen']:,} tokens, final validation loss {val}; "
               f"checkpoints in {res['checkpoint']}, metrics in {res['metrics']}"
               + (f", plot {res['plot']}" if res.get("plot") else "") + (f", HF weights in {res['hf']}" if res.get("hf") else ""))
+    return 0
+
+
+def dry_run(cfg, args) -> int:
+    "Plan the config's layout on a fake process group of --world-size ranks (nbs/29a_dry_run) and print it."
+    from qwen3_scratch.distributed.dry_run import dry_run as plan, format_dry_run
+    from qwen3_scratch.distributed.parallel import ParallelDims
+    from qwen3_scratch.errors import ConfigError
+    from qwen3_scratch.model.config import ModelConfig
+    d, train = cfg.distributed, cfg.train
+    world = args.world_size
+    if world is None:
+        if d.dp_size == -1: raise ConfigError("--dry-run needs the number of GPUs: pass --world-size N (or set distributed.dp_size)")
+        world = d.dp_size * d.tp_size * d.pp_size * d.cp_size
+    try: config = ModelConfig.from_preset(cfg.model.preset, **cfg.model.overrides)
+    except (ValueError, FileNotFoundError, TypeError) as e: raise ConfigError(f"model config: {e}") from None
+    seq_len = max(cfg.pretrain.stages[s].seq_len for s in cfg.pretrain.run_stages)
+    compute = 4 if train.dtype in ("float32", "fp32") else 2
+    res = plan(config, ParallelDims.from_section(d, world), micro_batch=train.micro_batch_size, seq_len=seq_len,
+               grad_accum=train.grad_accum, activation_checkpointing=train.activation_checkpointing, compute_bytes=compute,
+               sequence_parallel=d.tp_sequence_parallel, pp_schedule=d.pp_schedule, pp_microbatches=d.pp_microbatches,
+               pp_stages_per_rank=d.pp_stages_per_rank, reshard_after_forward=d.fsdp_reshard_after_forward)
+    print(f"model {cfg.model.preset}: {config.num_hidden_layers} layers, hidden {config.hidden_size}"
+          + (f", {config.num_experts} experts (top {config.num_experts_per_tok})" if config.num_experts else ""))
+    print(format_dry_run(res, gpu_memory_gb=args.gpu_memory_gb))
     return 0
 
 
@@ -72,6 +106,10 @@ def parser() -> argparse.ArgumentParser:
     pt.add_argument("--resume", default=None, help="'latest' (newest intact checkpoint under <out_dir>/checkpoints) or a step_N directory")
     pt.add_argument("--print-config", action="store_true", help="print the merged config and exit")
     pt.add_argument("--show-keys", action="store_true", help="print every config key with its type, default and reason, and exit")
+    pt.add_argument("--dry-run", action="store_true", help="plan the layout on a fake process group (meta weights): per-rank "
+                    "memory and bytes per collective for each pipeline stage, then exit")
+    pt.add_argument("--world-size", type=int, default=None, help="with --dry-run: the number of GPUs to plan for")
+    pt.add_argument("--gpu-memory-gb", type=float, default=80.0, help="with --dry-run: the memory of one GPU, for the verdict")
     pt.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=3e-4 pretrain.run_stages=[s1]")
     pt.set_defaults(func=pretrain)
     for name, what in PLANNED.items(): sub.add_parser(name, help=f"planned: {what}", add_help=False)

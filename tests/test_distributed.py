@@ -1,4 +1,4 @@
-"""distributed/ on 2 gloo ranks (CPU): the mesh and rank helpers, DDP and FSDP2 from `parallelize` (with gradient
+"""distributed/ on 2 gloo ranks (CPU): the mesh and rank helpers, the differentiable all-to-all, DDP and FSDP2 from `parallelize` (with gradient
 accumulation through `gradient_sync`) equal to one process on the same global batch, and the MoE balancing loss over
 the global batch through `SumOverRanks`."""
 import copy, os, socket
@@ -7,9 +7,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from qwen3_scratch.distributed.data_parallel import SumOverRanks, gradient_sync
-from qwen3_scratch.distributed.parallel import ParallelDims, all_reduce_sum_, barrier, get_rank, get_world_size
-from qwen3_scratch.distributed.parallelize import parallelize
+from qwen3_scratch.distributed.comm import SumOverRanks, all_reduce_sum_, all_to_all, barrier, get_rank, get_world_size
+from qwen3_scratch.distributed.fsdp import gradient_sync
+from qwen3_scratch.distributed.parallel import ParallelDims, parallelize
 from qwen3_scratch.model.config import ModelConfig
 from qwen3_scratch.model.transformer import Qwen3Model
 
@@ -43,12 +43,23 @@ def _helpers(rank):
     assert (get_rank(), get_world_size()) == (rank, 2)
     pd = ParallelDims(world_size=2)
     mesh = pd.build_mesh("cpu")
-    assert mesh.mesh_dim_names == ("dp",) and mesh.size() == 2 and pd.build_mesh("cpu") is mesh
+    assert mesh.size() == 2 and pd.build_mesh("cpu") is mesh and pd.meshes["dp"].size() == 2 and pd.meshes["tp"].size() == 1
     t = all_reduce_sum_(torch.tensor([float(rank + 1)]))
     assert t.item() == 3.0
     barrier()
 
 
+def _all_to_all(rank):
+    # rank 0 sends 1 row to itself and 2 to rank 1; rank 1 sends 3 rows to rank 0 and none to itself
+    splits = {0: [1, 2], 1: [3, 0]}
+    x = torch.arange(3.0).add(10 * rank)[:, None].repeat(1, 2).requires_grad_()   # rows 10r + i
+    out_splits = [splits[0][rank], splits[1][rank]]
+    y = all_to_all(x, out_splits, splits[rank])
+    want = {0: [0.0, 10.0, 11.0, 12.0], 1: [1.0, 2.0]}[rank]
+    assert y[:, 0].tolist() == want, (rank, y)
+    (y * torch.arange(1.0, y.shape[0] + 1)[:, None]).sum().backward()   # the gradient of each row goes back to its sender
+    g = {0: [1.0, 1.0, 2.0], 1: [2.0, 3.0, 4.0]}[rank]
+    assert x.grad[:, 0].tolist() == g, (rank, x.grad)
 
 
 def _data_parallel(rank, fsdp):
@@ -79,7 +90,7 @@ def _moe_balance(rank):
     torch.testing.assert_close(half, full, rtol=1e-6, atol=1e-7)
     model.zero_grad(); half.backward()
     g = torch.cat([p.grad.flatten() for n, p in model.named_parameters() if "gate" in n and p.grad is not None])
-    all_reduce_sum_(g)                                             # what DDP's gradient all-reduce adds up
+    all_reduce_sum_(g); g /= 2                                     # what DDP's gradient averaging does
     model.zero_grad(); model.moe_all_reduce = None; full.backward()
     want = torch.cat([p.grad.flatten() for n, p in model.named_parameters() if "gate" in n and p.grad is not None])
     torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-7)
@@ -87,11 +98,12 @@ def _moe_balance(rank):
 
 def _all(rank):
     _helpers(rank)
+    _all_to_all(rank)
     for fsdp in (False, True): _data_parallel(rank, fsdp)
     _moe_balance(rank)
 
 
 def test_two_ranks():
-    """One pair of processes (starting them costs more than the checks) runs: the mesh and rank helpers; DDP, then FSDP2,
+    """One pair of processes (starting them costs more than the checks) runs: the mesh and rank helpers; the all-to-all and its reverse gradient; DDP, then FSDP2,
     equal to one process on the same global batch; the MoE balancing loss and its router gradient over the global batch."""
     _spawn(_all)

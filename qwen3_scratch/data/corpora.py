@@ -17,7 +17,7 @@ import torch
 
 from .dataset import PackedTextDataset, tokenize_to_shards
 from .hf_datasets import raw_rows, resolve_data_files
-from ..distributed.parallel import all_reduce_sum_, get_rank
+from ..distributed.comm import all_reduce_sum_, get_rank
 from ..errors import DataError
 
 # %% ../../nbs/16_corpora.ipynb #78a225d5

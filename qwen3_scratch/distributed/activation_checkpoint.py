@@ -18,6 +18,6 @@ def apply_ac(model: nn.Module, mode: str = "full") -> nn.Module:
     "Recompute each decoder layer of `model` in the backward (`mode='full'`); `'none'` leaves it. Returns `model`."
     if mode not in AC_MODES: raise ConfigError(f"activation checkpointing mode {mode!r}: choose one of {', '.join(AC_MODES)}")
     if mode == "none": return model
-    for i, layer in enumerate(model.layers):
-        if not isinstance(layer, CheckpointWrapper): model.layers[i] = checkpoint_wrapper(layer, preserve_rng_state=False)
+    for name, layer in model.layers.named_children():   # a ModuleList, or a pipeline stage's ModuleDict of its layers
+        if not isinstance(layer, CheckpointWrapper): model.layers.register_module(name, checkpoint_wrapper(layer, preserve_rng_state=False))
     return model

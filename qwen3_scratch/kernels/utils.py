@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['REL_TOL', 'interpreting', 'triton_importable', 'use_triton', 'poison_outputs', 'new_empty', 'new_empty_like',
            'upcast_for_interpreter', 'cdiv', 'next_pow2', 'autocast_inputs', 'test_device', 'rel_err', 'assert_close',
-           'document_ids', 'expert_order', 'inverse_permutation']
+           'document_ids', 'cu_seqlens_of', 'expert_order', 'inverse_permutation']
 
 # %% ../../kernels_nbs/index.ipynb #2d35b72a
 import contextlib
@@ -31,6 +31,7 @@ def triton_importable() -> bool:
 def use_triton(kernels: str, x: torch.Tensor) -> bool:
     "Run the Triton kernel for `x` under `ModelConfig.kernels` = auto | triton | torch?"
     if kernels == "torch": return False
+    if getattr(x, "placements", None) is not None: return False  # a DTensor (tensor parallelism) takes torch's ops
     if kernels == "auto": return x.is_cuda and triton_importable()
     if kernels != "triton": raise ValueError(f"kernels={kernels!r}: choose auto, triton or torch")
     if not triton_importable():
@@ -116,6 +117,15 @@ def document_ids(cu_seqlens: torch.Tensor, batch_size: int, seq_len: int) -> tup
     doc = torch.searchsorted(cu, idx, right=True) - 1          # (B*T,)
     pos = idx - cu[doc]                                          # position inside its document
     return doc.view(batch_size, seq_len), pos.view(batch_size, seq_len)
+
+# %% ../../kernels_nbs/index.ipynb #5d496aab
+def cu_seqlens_of(doc_ids: torch.Tensor) -> torch.Tensor:
+    "int32 `cu_seqlens` over the flattened batch of `doc_ids` `(B, T)` (document indices rising along it); empty documents dropped."
+    d = doc_ids.reshape(-1)
+    starts = torch.nonzero(torch.diff(d, prepend=d[:1] - 1)).flatten()              # where a new document begins
+    row_starts = torch.arange(0, d.numel(), doc_ids.shape[-1], device=d.device)    # rows never share a document
+    starts = torch.unique(torch.cat([starts, row_starts]))
+    return torch.cat([starts, starts.new_tensor([d.numel()])]).to(torch.int32)
 
 # %% ../../kernels_nbs/index.ipynb #4e9a61c3
 def _check_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int):

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['MARKER', 'ARCH_IGNORE', 'rng_state', 'set_rng_state', 'step_dir', 'is_complete', 'complete_checkpoints',
            'verify_checkpoint', 'resolve_resume', 'prune_checkpoints', 'Checkpointer', 'save_checkpoint',
-           'load_checkpoint', 'checkpoint_meta', 'check_architecture', 'export_hf']
+           'load_checkpoint', 'checkpoint_meta', 'check_architecture', 'full_state', 'export_hf']
 
 # %% ../../nbs/33_checkpoint.ipynb #acfac382
 import contextlib, hashlib, json, os, random, re, shutil, warnings, zlib
@@ -18,11 +18,12 @@ import torch.distributed.checkpoint as dcp
 from fastcore.basics import patch
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
-from torch.distributed.fsdp import FSDPModule
 
-from ..distributed.parallel import barrier, get_rank, get_world_size, is_distributed
+from ..distributed.comm import barrier, get_rank, get_world_size, is_distributed
 from ..errors import CheckpointError
 from ..model.hf import save_hf
+from ..model.multimodal import Qwen3VLModel
+from ..model.transformer import Qwen3Model
 
 # %% ../../nbs/33_checkpoint.ipynb #2f6c04be
 @contextlib.contextmanager
@@ -261,8 +262,8 @@ def check_architecture(saved: dict | None, config, path, ignore=()) -> None:
 
 # %% ../../nbs/33_checkpoint.ipynb #2daf1aff
 def _unsharded_copy(model, state: dict):
-    "A plain copy of FSDP2 `model` holding the full tensors of `state` (built on the meta device, buffers rebuilt)."
-    cls = next(c for c in type(model).__bases__ if c is not FSDPModule)   # fully_shard made FSDP<cls>(FSDPModule, cls)
+    "A plain model of `model`'s class and config holding the full tensors of `state` (built on the meta device, buffers rebuilt)."
+    cls = Qwen3VLModel if isinstance(model, Qwen3VLModel) else Qwen3Model   # FSDP2's subclasses; a pipeline's stages
     with torch.device("meta"): plain = cls(model.config)
     plain.load_state_dict(state, assign=True)
     for mod in plain.modules():                                          # non-persistent buffers (RoPE tables)
@@ -271,11 +272,21 @@ def _unsharded_copy(model, state: dict):
         if meta: mod.reset_parameters()
     return plain
 
+def full_state(model, pp_group=None) -> dict:
+    "Every weight of `model` as a full CPU tensor (DTensor shards gathered; a pipeline's stages from all its ranks); collective."
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    state = {k: v.detach().cpu() for k, v in state.items()}
+    if pp_group is not None:                                  # each pipeline rank holds its stages: put them together
+        parts = [None] * dist.get_world_size(pp_group)
+        dist.all_gather_object(parts, state, group=pp_group)
+        state = {k: v for part in parts for k, v in part.items()}
+    return state
+
 # %% ../../nbs/33_checkpoint.ipynb #1f281edc
-def export_hf(model, path, dtype=None, overwrite: bool = False) -> Path:
-    "`model`'s weights as a HF checkpoint with `save_hf`: rank 0 writes (FSDP2 shards are gathered first, collectively)."
-    if isinstance(model, FSDPModule):
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+def export_hf(model, path, dtype=None, overwrite: bool = False, pp_group=None) -> Path:
+    "`model`'s weights as a HF checkpoint with `save_hf`: rank 0 writes; sharded or pipelined weights are gathered first (collective)."
+    if pp_group is not None or any(hasattr(p, "device_mesh") for p in model.parameters()):   # DTensors: FSDP2, TP, EP
+        state = full_state(model, pp_group)
         if get_rank() == 0: save_hf(_unsharded_copy(model, state), path, dtype=dtype, overwrite=overwrite)
     elif get_rank() == 0: save_hf(model, path, dtype=dtype, overwrite=overwrite)
     barrier()

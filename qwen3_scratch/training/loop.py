@@ -8,6 +8,7 @@ __all__ = ['AUTOCAST_DTYPES', 'bf16_is_fast', 'resolve_dtype', 'keep_freed_memor
 
 # %% ../../nbs/32_train_loop.ipynb #ff9a4c97
 import ctypes, hashlib, math, os, platform, time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,8 +16,9 @@ import torch
 from fastcore.basics import patch
 
 from ..data.sampler import ResumableSampler
-from ..distributed.data_parallel import gradient_sync
-from ..distributed.parallel import all_reduce_sum_, get_rank, get_world_size
+from ..distributed.fsdp import gradient_sync
+from ..distributed.pipeline_parallel import Pipeline
+from ..distributed.comm import all_reduce_sum_, clip_grad_norm_, get_rank, get_world_size
 from ..errors import CheckpointError, DataError, TooManyBadSteps
 from ..model.multimodal import Qwen3VLModel
 from ..model.transformer import Qwen3Model
@@ -132,12 +134,14 @@ class TrainLoop:
     "Train `model` on `batches` with `loss_fn(model, batch) -> (loss, metrics)` (see the top of this notebook)."
     def __init__(self, model, optimizer, scheduler, batches, loss_fn, cfg, *, device="cpu", dp_model=None,
                  validate=None, flops_per_token=None, callbacks=(), checkpointer=None, logger=None, state=None,
-                 extra_state=None, name="train", tags=None, announce: bool = True, echo=print):
+                 extra_state=None, name="train", tags=None, announce: bool = True, echo=print, prepare=None, data_ranks=None):
         self.model, self.dp_model = model, model if dp_model is None else dp_model
+        self.prepare = prepare or (lambda batch: (batch, nullcontext()))
         self.optimizer, self.scheduler, self.batches, self.loss_fn, self.cfg = optimizer, scheduler, batches, loss_fn, cfg
         self.device, self.validate, self.flops_per_token = torch.device(device), validate, flops_per_token
         self.callbacks, self.extra_state, self.name, self.tags = list(callbacks), extra_state, name, dict(tags or {})
         self.rank, self.world, self.echo, self.announce = get_rank(), get_world_size(), echo, announce
+        self.data_ranks = self.world if data_ranks is None else data_ranks
         self.amp, self.precision_note = resolve_dtype(cfg.train.dtype, self.device)
         self.out = Path(cfg.out_dir)
         self.checkpointer = checkpointer or Checkpointer(self.out / "checkpoints", cfg.checkpoint.keep_last, cfg.checkpoint.async_save)
@@ -164,10 +168,17 @@ def _accumulate(self: TrainLoop):
     for i in range(accum):
         batch = next(self.batches)
         if isinstance(batch.get("input_ids"), torch.Tensor): hashes.append(batch_hash(batch["input_ids"]))
-        with gradient_sync(self.dp_model, i == accum - 1):
-            with self.autocast(): loss, metrics = self.loss_fn(self.dp_model, batch)
-            for cb in self.callbacks: loss = cb.on_loss(self, loss)
-            (loss / accum).backward()
+        local, context = self.prepare(batch)
+        with gradient_sync(self.dp_model, i == accum - 1), context:
+            if isinstance(self.dp_model, Pipeline):   # a pipeline: its schedule runs the backward itself
+                with self.autocast(): loss, metrics = self.dp_model.forward_backward(local, 1 / accum)
+            else:
+                with self.autocast(): loss, metrics = self.loss_fn(self.dp_model, local)
+                for cb in self.callbacks: loss = cb.on_loss(self, loss)
+                (loss / accum).backward()
+        if local is not batch and isinstance(batch.get("input_ids"), torch.Tensor):
+            metrics = {**(metrics or {}), "tokens": batch["input_ids"].numel()}   # the slice's tokens, not one shard's
+        loss = loss.full_tensor() if hasattr(loss, "full_tensor") else loss    # a DTensor under tensor parallelism
         loss_sum += loss.detach().float()
         for k, v in (metrics or {}).items():
             if k == "tokens" or (isinstance(v, torch.Tensor) and v.dim() > 0): sums[k] = sums.get(k, 0) + (v.detach() if isinstance(v, torch.Tensor) else v)
@@ -185,7 +196,7 @@ def _all_ranks(self: TrainLoop, loss, means: dict, sums: dict):
     out = {k: vec[i + 1].item() for i, k in enumerate(keys)}
     for k, v in sums.items():
         total = torch.as_tensor(v, device=self.device)
-        if self.world > 1: total = all_reduce_sum_(total.clone())
+        if self.world > 1: total = all_reduce_sum_(total.clone()) * self.data_ranks / self.world   # once per data slice
         out[k] = total.item() if total.dim() == 0 else total
     return vec[0], out
 
@@ -209,8 +220,8 @@ def train_step(self: TrainLoop) -> dict:
     self.dp_model.train()
     loss, means, sums, digest = self._accumulate()
     loss, metrics = self._all_ranks(loss, means, sums)
-    grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.max_norm, foreach=True)
-    if hasattr(grad_norm, "full_tensor"): grad_norm = grad_norm.full_tensor()
+    if isinstance(self.dp_model, Pipeline): grad_norm = self.dp_model.clip_grad_norm_(self.cfg.train.max_norm)  # over the stages
+    else: grad_norm = clip_grad_norm_(self.model.parameters(), self.cfg.train.max_norm, foreach=True)
     ok = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
     lr = self.optimizer.param_groups[0]["lr"]
     if ok: self.optimizer.step(); state.bad_run = 0
@@ -349,7 +360,9 @@ def finish(self: TrainLoop, plot_title: str | None = None) -> dict:
     "After the last run: Hugging Face export (`checkpoint.export_hf`, Qwen3 models), the loss plot (`log.plot`), logs closed."
     out, cfg = self.summary(), self.cfg
     if cfg.checkpoint.export_hf:
-        if isinstance(self.model, (Qwen3Model, Qwen3VLModel)): out["hf"] = str(export_hf(self.model, self.out / "hf", overwrite=True))
+        pipe = self.dp_model if isinstance(self.dp_model, Pipeline) else None   # its module holds this rank's stages
+        if pipe is not None or isinstance(self.model, (Qwen3Model, Qwen3VLModel)):
+            out["hf"] = str(export_hf(self.model, self.out / "hf", overwrite=True, pp_group=pipe and pipe.group))
         else: self.say(f"checkpoint.export_hf: a {type(self.model).__name__} has no Hugging Face format; not exported")
     if self.logger is not None and self._owns_logger: self.logger.close()
     if cfg.log.plot and self.rank == 0 and (self.out / "metrics.jsonl").is_file():

@@ -8,24 +8,27 @@ __all__ = ['ROPE_FIELDS', 'Trainer', 'TrainError', 'stage_sources', 'build_stage
 
 # %% ../../nbs/35_pretrain.ipynb #9935003e
 import dataclasses, sys, time
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from fastcore.basics import patch
 
 from ..data.collator import TextCollator
 from ..data.corpora import (MixtureDataset, build_cached_corpus, cache_key, default_data_dir, hub_reachable,
                                         open_corpus, read_hub, read_local, SHARED_CORPORA)
-from ..distributed.parallel import ParallelDims, all_reduce_sum_, get_rank, get_world_size, init_distributed
-from ..distributed.parallelize import check_implemented, parallelize
+from ..distributed.comm import all_reduce_sum_, get_rank, get_world_size, init_distributed
+from ..distributed.parallel import ParallelDims, Pipeline, parallel_batch, parallelize
 from ..errors import CheckpointError, ConfigError, DataError, Qwen3Error
+from ..kernels.utils import document_ids
 from ..model.config import ModelConfig
 from ..model.transformer import Qwen3Model
 from .checkpoint import Checkpointer, check_architecture, checkpoint_meta, resolve_resume
 from .config import TrainingConfig, load_train_config  # noqa: F401  (load_train_config: imported from here before)
 from .logger import MetricsLogger, flops_per_token
-from .loop import GlobalBatches, LoopState, TrainLoop, refuse_to_overwrite
+from .loop import GlobalBatches, LoopState, TrainLoop, refuse_to_overwrite, resolve_dtype
 from .optimizer import build_optimizer
 from .scheduler import build_scheduler
 
@@ -101,19 +104,37 @@ def lm_loss(model, batch) -> tuple[torch.Tensor, dict]:
     if out.aux_loss is not None: metrics.update(aux_loss=out.aux_loss.detach().float(), expert_load=out.expert_load)
     return out.loss, metrics
 
-def lm_validation(model, dataset, collate, micro_batch_size: int, batches: int, device) -> dict:
-    "`{'val_loss': mean cross-entropy}` over `batches` fixed micro-batches of `dataset`, split over the ranks."
-    rank, world, size = get_rank(), get_world_size(), micro_batch_size
-    hook, model.moe_all_reduce = model.moe_all_reduce, None
+def lm_validation(model, dataset, collate, micro_batch_size: int, batches: int, device, dp_rank=None, dp_size=None,
+                  prepare=None, runner=None) -> dict:
+    "`{'val_loss': mean cross-entropy}` over `batches` fixed micro-batches of `dataset`, split over the data-parallel ranks."
+    # ranks of one data-parallel slice (tensor / context / pipeline neighbours) run the same batches and count them alike;
+    # `runner` is what runs the forward (the DDP wrapper, a Pipeline) when it is not `model` itself
+    rank, world, size = get_rank() if dp_rank is None else dp_rank, get_world_size() if dp_size is None else dp_size, micro_batch_size
+    runner = model if runner is None else runner
+    hook = getattr(model, "moe_all_reduce", None)
+    if hook is not None: model.moe_all_reduce = None                               # each rank's own balance, no collective
     total = torch.zeros(2, device=device, dtype=torch.float64)                   # (sum of losses, batches)
     for j in range(rank, -(-batches // world) * world, world):                   # batch j of the fixed validation set
         batch = {k: v.to(device) for k, v in collate([dataset[(j * size + i) % len(dataset)] for i in range(size)]).items()}
-        out = model(input_ids=batch["input_ids"], labels=batch["labels"], cu_seqlens=batch["cu_seqlens"])
-        ce = out.loss - model.config.router_aux_loss_coef * out.aux_loss if out.aux_loss is not None else out.loss
+        if isinstance(runner, Pipeline): ce = _pipeline_val_loss(runner, batch)
+        else:
+            local, context = prepare(batch) if prepare is not None else (batch, nullcontext())
+            with context: out = runner(input_ids=local["input_ids"], labels=local["labels"], cu_seqlens=local["cu_seqlens"])
+            ce = out.loss - model.config.router_aux_loss_coef * out.aux_loss if out.aux_loss is not None else out.loss
+            ce = ce.full_tensor() if hasattr(ce, "full_tensor") else ce          # a DTensor under tensor parallelism
         total += torch.stack([ce.double(), torch.ones((), device=device, dtype=torch.float64)])
-    model.moe_all_reduce = hook
+    if hook is not None: model.moe_all_reduce = hook
     all_reduce_sum_(total)
     return {"val_loss": (total[0] / total[1]).item()}
+
+def _pipeline_val_loss(pipe: Pipeline, batch: dict) -> torch.Tensor:
+    "The pipeline's forward-only loss of `batch`, on every pipeline rank (MoE models: with the balancing term)."
+    doc = document_ids(batch["cu_seqlens"], *batch["input_ids"].shape)[0] if batch.get("cu_seqlens") is not None else None
+    loss = pipe.eval_loss(batch["input_ids"], batch["labels"], doc)
+    if hasattr(loss, "full_tensor"): loss = loss.full_tensor()
+    loss = torch.zeros((), device=batch["input_ids"].device) if loss is None else loss.float()
+    dist.all_reduce(loss, group=pipe.group)
+    return loss
 
 # %% ../../nbs/35_pretrain.ipynb #36afb11c
 def resume_point(cfg: TrainingConfig, base: ModelConfig, resume) -> tuple[Path | None, dict | None]:
@@ -137,7 +158,6 @@ class Pretrainer:
         self.cfg, self.callbacks, self.echo = cfg, list(callbacks), echo
         self.rank, self.world, self.device = init_distributed(cfg.train.device)
         self.parallel_dims = ParallelDims.from_section(cfg.distributed, self.world)
-        check_implemented(self.parallel_dims)
         self.out = Path(cfg.out_dir)
         if tokenizer is None:
             from qwen3_scratch.data.tokenizer import Tokenizer   # the vocabulary loads in ~1 s: only when needed
@@ -150,7 +170,7 @@ class Pretrainer:
                               f"use a preset with Qwen3's 151936 or raise model.overrides.vocab_size")
         self.parallel_dims.check_model(self.base_config, max(cfg.pretrain.stages[s].seq_len for s in cfg.pretrain.run_stages))
         self.checkpointer = Checkpointer(self.out / "checkpoints", cfg.checkpoint.keep_last, cfg.checkpoint.async_save)
-        self.model = self.dp_model = None
+        self.model = self.dp_model = self.train_module = None   # the full model; what runs; what the optimizer steps
         self.state, self.data = LoopState(), None
 
 # %% ../../nbs/35_pretrain.ipynb #b6c2d076
@@ -164,9 +184,14 @@ def _build_model(self: Pretrainer, config: ModelConfig):
     if self.model is not None: apply_stage_rope(self.model, config); return
     torch.manual_seed(self.cfg.seed)
     with torch.device(self.device): self.model = Qwen3Model(config)
-    train = self.cfg.train
-    self.dp_model = parallelize(self.model, self.parallel_dims, activation_checkpointing=train.activation_checkpointing,
-                                compile=train.compile)
+    train, d, pd = self.cfg.train, self.cfg.distributed, self.parallel_dims
+    amp = resolve_dtype(train.dtype, self.device)[0]       # FSDP2 gathers and computes in it, reduces in float32
+    self.dp_model = parallelize(self.model, pd, activation_checkpointing=train.activation_checkpointing, compile=train.compile,
+                                sequence_parallel=d.tp_sequence_parallel, param_dtype=amp if pd.fsdp else None,
+                                reshard_after_forward=d.fsdp_reshard_after_forward, cpu_offload=d.fsdp_cpu_offload,
+                                pp_schedule=d.pp_schedule, pp_microbatches=d.pp_microbatches, pp_stages_per_rank=d.pp_stages_per_rank)
+    # a pipeline rank holds only its stages: they are what its optimizer steps and its checkpoints save
+    self.train_module = self.dp_model.module if isinstance(self.dp_model, Pipeline) else self.model
 
 @patch
 def _optimizer(self: Pretrainer, stage: str):
@@ -175,7 +200,7 @@ def _optimizer(self: Pretrainer, stage: str):
     warm = spec.warmup_steps if spec.warmup_steps is not None else sched.warmup_steps
     warm = min(warm, spec.steps - 1) if sched.name == "cosine" else warm
     try:
-        opt = build_optimizer(self.model, spec.lr or optim.lr, optim.weight_decay, tuple(optim.betas), optim.eps, optim.fused)
+        opt = build_optimizer(self.train_module, spec.lr or optim.lr, optim.weight_decay, tuple(optim.betas), optim.eps, optim.fused)
         return opt, build_scheduler(opt, sched.name, warm, spec.steps, sched.min_lr_ratio, sched.decay_fraction)
     except ValueError as e: raise ConfigError(f"stage {stage} optimizer/schedule: {e}") from None
 
@@ -187,10 +212,14 @@ def _stage_loop(self: Pretrainer, stage: str, si: int, data: dict, announce: boo
     opt, sched = self._optimizer(stage)
     collate = TextCollator()
     batches = GlobalBatches(data["train"], train.micro_batch_size, train.grad_accum, collate, seed=cfg.seed + si,
-                            rank=self.rank, world_size=self.parallel_dims.dp, device=self.device)
+                            rank=self.parallel_dims.dp_rank(self.rank), world_size=self.parallel_dims.dp, device=self.device)
+    pd, dp = self.parallel_dims, self.dp_model
+    prepare = partial(parallel_batch, model=dp, parallel_dims=pd)     # TP's loss context, CP's sequence shards
     validate = partial(lm_validation, dataset=data["val"], collate=collate, micro_batch_size=train.micro_batch_size,
-                       batches=train.val_batches, device=self.device)
-    return TrainLoop(self.model, opt, sched, batches, lm_loss, cfg, device=self.device, dp_model=self.dp_model,
+                       batches=train.val_batches, device=self.device, dp_rank=pd.dp_rank(self.rank), dp_size=pd.dp,
+                       prepare=prepare, runner=dp)
+    return TrainLoop(self.train_module, opt, sched, batches, lm_loss, cfg, device=self.device, dp_model=dp,
+                     prepare=prepare, data_ranks=pd.dp,
                      validate=validate, flops_per_token=flops_per_token(self.model.config, spec.seq_len),
                      callbacks=self.callbacks, checkpointer=self.checkpointer, logger=self.logger, state=self.state,
                      extra_state=lambda: {"stage": stage, "model_config": self.model.config.to_dict()},
