@@ -3,7 +3,7 @@ FSDP x TP, FSDP x EP, TP x PP, FSDP x CP, HSDP and a 3-D layout (FSDP x TP x PP)
 packed documents. Each layout trains 3 AdamW steps exactly as the training loop does (`parallel_batch`, the pipeline's
 `forward_backward`, `clip_grad_norm_`, `build_optimizer`), and its losses and every gathered gradient of the first
 step equal one process on the whole global batch within 1e-5. Checkpoints saved under one layout load under another
-(TP2 x DP2 -> DP4 -> one process; PP2 -> 1; EP2 -> 1), and `export_hf` writes the same weights from every layout.
+(TP2 x DP2 -> DP4 -> one process; PP2 -> 1; EP2 -> 1), and `export_hf` writes the full weights from FSDP x TP and EP.
 One spawn per world size (starting processes costs more than the checks)."""
 import copy, os, socket, tempfile
 from pathlib import Path
@@ -168,6 +168,7 @@ def _four(rank, world, tmp):
     module, dp, opt = _check("fsdp2 x tp2", DENSE, ParallelDims(world_size=4, tp=2, fsdp=True), dense)
     save_checkpoint(Path(tmp) / "tp2dp2", 3, module, opt)
     saved = _full(module)
+    export_hf(module, Path(tmp) / "tp2dp2_hf")                               # from a 2-D (FSDP x TP) layout
     # the same checkpoint under another layout: FSDP over 4 ranks, weights and optimizer state resharded by DCP
     torch.manual_seed(1)
     other = Qwen3Model(DENSE)
@@ -226,6 +227,9 @@ def test_four_ranks(tmp_path):
         assert (st.memory["params"], st.memory["optimizer"]) == (got["params"], got["optimizer"]), (st.rank, st.memory, got)
     _one_process(tmp_path, "tp2dp2", DENSE)
     saved = torch.load(tmp_path / "tp2dp2.pt")
+    from qwen3_scratch.model.hf import load_hf
+    hf = load_hf(tmp_path / "tp2dp2_hf").state_dict()
+    for k, v in saved.items(): torch.testing.assert_close(hf[k].float(), v.float(), rtol=0, atol=0, msg=k)
     model = Qwen3Model(DENSE)
     load_checkpoint(step_dir(tmp_path / "dp4", 3), model)
     for k, v in model.state_dict().items(): torch.testing.assert_close(v, saved[k], rtol=0, atol=0, msg=k)

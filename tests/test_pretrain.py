@@ -208,6 +208,37 @@ def test_two_gloo_ranks_fsdp_and_export(tmp_path, corpus):
     for (k, a), b in zip(m.state_dict().items(), m2.state_dict().values()): assert torch.equal(a, b), k
 
 
+def test_dry_run_cli(tmp_path):
+    "`pretrain --dry-run` plans 8 ranks as FSDP 2 x TP 2 x PP 2 on one CPU process; without --world-size it says what to pass."
+    dry = TRAIN[:5] + ["--dry-run"]                               # options before the key=value overrides
+    r = run(["--world-size", "8", "distributed.fsdp_enabled=true", "distributed.tp_size=2", "distributed.pp_size=2",
+             "model.overrides.tie_word_embeddings=false", "pretrain.run_stages=[s1]"], cmd=dry)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "8 ranks = pp 2 x dp 2 x tp 2" in r.stdout and "rank 4 (stage 1, layers 3-5)" in r.stdout, r.stdout
+    _one_clear_error(run([], cmd=dry), "pass --world-size N")
+    _one_clear_error(run(["--world-size", "2", "distributed.pp_size=2"], cmd=dry), "tie_word_embeddings=false")
+
+
+def test_two_gloo_ranks_pipeline_and_export(tmp_path, corpus):
+    "torchrun with pp_size=2: two stages train, validate, checkpoint and export; the checkpoint loads into one process."
+    out = tmp_path / "pp"
+    tr = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+          str(ROOT / "scripts" / "train.py"), "pretrain", "--config", "pretrain_debug", "train.device=cpu"]
+    r = run(args(out, corpus, steps=2, ckpt=2, extra=["distributed.pp_size=2", "distributed.pp_microbatches=2",
+                                                    "model.overrides.tie_word_embeddings=false",
+                                                    "checkpoint.export_hf=true"]), cmd=tr)
+    assert r.returncode == 0, r.stderr[-5000:]
+    assert "val" in r.stdout, r.stdout
+    import torch
+    from qwen3_scratch.model.hf import load_hf
+    from qwen3_scratch.training.checkpoint import load_checkpoint
+    m, m2 = load_hf(out / "hf", dtype="float32"), load_hf(out / "hf", dtype="float32")
+    with torch.no_grad():
+        for q in m2.parameters(): q.zero_()
+    load_checkpoint(out / "checkpoints" / "step_000002", m2, restore_rng=False)   # DCP: 2 pipeline stages -> 1 process
+    for (k, a), b in zip(m.state_dict().items(), m2.state_dict().values()): assert torch.equal(a, b), k
+
+
 def test_moe_logs_aux_loss_and_expert_load(tmp_path, corpus):
     out = tmp_path / "moe"
     moe = ("model.overrides={hidden_size: 64, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, "
