@@ -2,13 +2,11 @@
 (causal, packed documents, GQA) in PyTorch (float64) and with the Triton kernel in its interpreter (float32; conftest
 sets TRITON_INTERPRET=1 without a GPU); the debug model under cp=2 gives one process's loss and every gradient, with and
 without packed documents; bad sequence lengths and unshardable inputs are refused."""
-import copy, os, socket
-from datetime import timedelta
+import copy, os
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
 
 from qwen3_scratch.distributed.context_parallel import (RingAttention, apply_cp, cp_comm_bytes, cp_context, cp_shard,
@@ -19,27 +17,16 @@ from qwen3_scratch.model.attention import attention_ref, build_attention_mask
 from qwen3_scratch.model.config import ModelConfig
 from qwen3_scratch.model.transformer import Qwen3Model
 
+
 TOL = dict(atol=1e-5, rtol=1e-5)
+
+from ranks import spawn
 # the kernel path over gloo runs in Triton's interpreter (CPU tensors): gloo cannot send CUDA tensors, and one GPU cannot
 # host two NCCL ranks; on a GPU, tests/test_parallel_gpu.py runs the kernel path on a one-rank NCCL group instead
 KERNEL = triton_importable() and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _port():
-    with socket.socket() as s: s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
-
-
-def _spawn(fn, nprocs, *args):
-    mp.spawn(_entry, args=(fn, nprocs, _port(), args), nprocs=nprocs, join=True)
-
-
-def _entry(rank, fn, nprocs, port, args):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=nprocs, timeout=timedelta(seconds=120))  # a failing rank must not hang the rest
-    try: fn(rank, nprocs, *args)
-    finally:
-        dist.barrier(); dist.destroy_process_group()
+def _spawn(fn, nprocs, *args): spawn(fn, nprocs, *args, timeout_s=120)
 
 
 def _reference(q, k, v, dout, mask):

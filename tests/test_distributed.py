@@ -1,11 +1,9 @@
 """distributed/ on 2 gloo ranks (CPU): the mesh and rank helpers, the differentiable all-to-all, DDP and FSDP2 from `parallelize` (with gradient
 accumulation through `gradient_sync`) equal to one process on the same global batch, and the MoE balancing loss over
 the global batch through `SumOverRanks`."""
-import copy, os, socket
+import copy
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from qwen3_scratch.distributed.comm import SumOverRanks, all_reduce_sum_, all_to_all, barrier, get_rank, get_world_size
 from qwen3_scratch.distributed.fsdp import gradient_sync
@@ -13,25 +11,16 @@ from qwen3_scratch.distributed.parallel import ParallelDims, parallelize
 from qwen3_scratch.model.config import ModelConfig
 from qwen3_scratch.model.transformer import Qwen3Model
 
+from ranks import spawn
+
 CFG = dict(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
            intermediate_size=64, kernels="torch")
 
 
-def _port():
-    with socket.socket() as s: s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
+def _call(rank, world, fn, *args): fn(rank, *args)
 
 
-def _spawn(fn, *args):
-    mp.spawn(_entry, args=(fn, _port(), args), nprocs=2, join=True)
-
-
-def _entry(rank, fn, port, args):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try: fn(rank, *args)
-    finally:
-        dist.barrier(); dist.destroy_process_group()
+def _spawn(fn, *args): spawn(_call, 2, fn, *args)
 
 
 def _grads(model):
@@ -104,6 +93,6 @@ def _all(rank):
 
 
 def test_two_ranks():
-    """One pair of processes (starting them costs more than the checks) runs: the mesh and rank helpers; the all-to-all and its reverse gradient; DDP, then FSDP2,
-    equal to one process on the same global batch; the MoE balancing loss and its router gradient over the global batch."""
+    """One pair of processes (starting them costs more than the checks) runs: the mesh and rank helpers; the all-to-all and its reverse gradient;
+    DDP, then FSDP2, equal to one process on the same global batch; the MoE balancing loss and its router gradient over the global batch."""
     _spawn(_all)

@@ -2,13 +2,11 @@
 rows (an expert without rows, a rank that receives none, loop and grouped GEMM), `apply_ep` on the whole model, each
 rank on its slice of the batch, against one process on the whole batch (loss, every gradient, three AdamW steps), a
 DCP checkpoint of 2 EP ranks loaded into one process, and the degrees it refuses."""
-import copy, os, socket
+import copy, os
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-import torch.multiprocessing as mp
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 
@@ -19,29 +17,21 @@ from qwen3_scratch.model.config import ModelConfig
 from qwen3_scratch.model.moe import Experts, dispatch
 from qwen3_scratch.model.transformer import Qwen3Model
 
+
 CFG = dict(vocab_size=256, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, kernels="torch")
+
+from ranks import spawn
 BATCH, SEQ, STEPS = 8, 16, 3
 
 
 def _cfg(**kw): return ModelConfig.from_preset("debug_moe", **{**CFG, **kw})
 
 
-def _port():
-    with socket.socket() as s: s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
+def _call(rank, world, fn, *args): fn(rank, world, init_device_mesh("cpu", (world,), mesh_dim_names=("ep",)), *args)
 
 
-def _spawn(fn, world, *args):
-    mp.spawn(_entry, args=(fn, world, _port(), args), nprocs=world, join=True)
-
-
-def _entry(rank, fn, world, port, args):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try: fn(rank, world, init_device_mesh("cpu", (world,), mesh_dim_names=("ep",)), *args)
-    finally:
-        dist.barrier(); dist.destroy_process_group()
+def _spawn(fn, world, *args): spawn(_call, world, fn, *args)
 
 
 def _full(g): return g.full_tensor() if hasattr(g, "full_tensor") else g

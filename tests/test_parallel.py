@@ -5,13 +5,10 @@ packed documents. Each layout trains 3 AdamW steps exactly as the training loop 
 step equal one process on the whole global batch within 1e-5. Checkpoints saved under one layout load under another
 (TP2 x DP2 -> DP4 -> one process; PP2 -> 1; EP2 -> 1), and `export_hf` writes the full weights from FSDP x TP and EP.
 One spawn per world size (starting processes costs more than the checks)."""
-import copy, os, socket, tempfile
 from pathlib import Path
 
-import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from qwen3_scratch.distributed.comm import clip_grad_norm_
 from qwen3_scratch.distributed.parallel import ParallelDims, Pipeline, parallel_batch, parallelize
@@ -22,31 +19,18 @@ from qwen3_scratch.training.checkpoint import export_hf, load_checkpoint, save_c
 from qwen3_scratch.training.optimizer import build_optimizer
 from qwen3_scratch.training.pretrain import lm_loss
 
+
 TINY = dict(vocab_size=256, hidden_size=32, num_hidden_layers=4, intermediate_size=64, num_attention_heads=4,
             num_key_value_heads=2, head_dim=8, kernels="torch", tie_word_embeddings=False)
+
+from ranks import spawn
 DENSE = ModelConfig.from_preset("debug").replace(**TINY)
 MOE = ModelConfig.from_preset("debug_moe").replace(**TINY, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
                                                    mlp_only_layers=[3])
 ROWS, T, STEPS, LR = 8, 16, 3, 3e-3
 
 
-def _port():
-    with socket.socket() as s: s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
-
-
-def _entry(rank, world, fn, port, args):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try: fn(rank, world, *args)
-    except BaseException:
-        import traceback; traceback.print_exc(); raise
-    finally:
-        dist.barrier(); dist.destroy_process_group()
-
-
-def _spawn(world, fn, *args):
-    mp.spawn(_entry, args=(world, fn, _port(), args), nprocs=world, join=True)
+def _spawn(world, fn, *args): spawn(fn, world, *args)
 
 
 def _batch(step: int) -> dict:

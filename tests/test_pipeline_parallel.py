@@ -2,13 +2,12 @@
 process over three AdamW steps (losses, every gradient of step 1, the clipping norm, the validation loss), padded
 labels weighted by token, the MoE balancing loss carried through every stage, parameter names that reshard a DCP
 checkpoint from 2 ranks to 1 process, and the layouts refused."""
-import copy, os, socket
+import copy
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
 from torch.testing import assert_close
 
@@ -17,22 +16,15 @@ from qwen3_scratch.errors import ConfigError
 from qwen3_scratch.model.config import ModelConfig
 from qwen3_scratch.model.transformer import Qwen3Model
 
+
 CFG = dict(vocab_size=256, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
            intermediate_size=64, tie_word_embeddings=False, kernels="torch")
+
+from ranks import spawn
 MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, router_aux_loss_coef=0.5)  # a coefficient that shows
 
 
-def _port():
-    with socket.socket() as s: s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
-
-
-def _entry(rank, fn, port, args):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try: fn(rank, init_device_mesh("cpu", (2,), mesh_dim_names=("pp",)), *args)
-    finally:
-        dist.barrier(); dist.destroy_process_group()
+def _call(rank, world, fn, *args): fn(rank, init_device_mesh("cpu", (world,), mesh_dim_names=("pp",)), *args)
 
 
 def _model(**extra):
@@ -139,7 +131,7 @@ def test_two_ranks(tmp_path):
     """One pair of processes (starting them costs more than the checks): the refusals, the three schedules against one
     process, the MoE statistics across ranks; then the checkpoint the two ranks wrote loads into one process's model."""
     ckpt = str(tmp_path / "pp2")
-    mp.spawn(_entry, args=(_all, _port(), (ckpt,)), nprocs=2, join=True)
+    spawn(_call, 2, _all, ckpt)
     ref, (ids, labels) = _model(), _batch()
     _reference(ref, ids, labels)
     one = Qwen3Model(ModelConfig.from_preset("debug", **CFG))         # other weights until the checkpoint loads

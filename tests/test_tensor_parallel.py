@@ -3,13 +3,11 @@ and an MoE model, equals one process: the losses of 3 AdamW steps and every gath
 padding (labels -100 and an attention mask), gradient accumulation, the loss outside `loss_parallel`, the bytes every
 collective moves (= `tp_comm_bytes`, in float32 and under bf16 autocast), no all-gather of the head's weight, and the
 refusals of `apply_tp`. One spawn per model family; the plan and the byte arithmetic are checked in this process."""
-import copy, os, socket
+import copy
 from contextlib import nullcontext
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate, Shard
 
@@ -20,29 +18,21 @@ from qwen3_scratch.errors import ConfigError
 from qwen3_scratch.model.config import ModelConfig
 from qwen3_scratch.model.transformer import Qwen3Model
 
+
 TINY = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, kernels="torch")
+
+from ranks import spawn
 DENSE = ModelConfig.from_preset("debug").replace(**TINY)                            # tied, as the debug preset
 UNTIED = DENSE.replace(tie_word_embeddings=False)
 MOE = ModelConfig.from_preset("debug_moe").replace(**TINY, moe_intermediate_size=32, mlp_only_layers=[1])  # MoE + dense layer
 B, T = 2, 16
 
 
-def _port():
-    with socket.socket() as s: s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
+def _call(rank, world, fn, *args): fn(init_device_mesh("cpu", (world,), mesh_dim_names=("tp",)), *args)
 
 
-def _spawn(fn, *args):
-    mp.spawn(_entry, args=(fn, _port(), args), nprocs=2, join=True)
-
-
-def _entry(rank, fn, port, args):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try: fn(init_device_mesh("cpu", (2,), mesh_dim_names=("tp",)), *args)
-    finally:
-        dist.barrier(); dist.destroy_process_group()
+def _spawn(fn, *args): spawn(_call, 2, fn, *args)
 
 
 def _batch(seed):
