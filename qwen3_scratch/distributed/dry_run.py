@@ -7,6 +7,7 @@ __all__ = ['fake_world', 'local_numel', 'shard_bytes', 'gathered_bytes', 'layer_
            'comm_bytes', 'StagePlan', 'DryRun', 'dry_run', 'format_dry_run']
 
 # %% ../../nbs/29a_dry_run.ipynb #2388bed7
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -47,7 +48,7 @@ def _fsdp_ranks(p) -> int:
     "How many ranks share `p` by FSDP2 sharding (its mesh dimensions other than tensor or expert parallel)."
     if not hasattr(p, "device_mesh"): return 1
     names = p.device_mesh.mesh_dim_names or ()
-    return int(torch.tensor([p.device_mesh.size(i) for i, n in enumerate(names) if n not in ("tp", "ep")] or [1]).prod())
+    return math.prod(p.device_mesh.size(i) for i, n in enumerate(names) if n not in ("tp", "ep"))
 
 def gathered_bytes(module, compute_bytes: int = 2) -> int:
     "FSDP2's all-gather buffers: the largest decoder layer in full (still split by TP / EP), in the compute dtype, twice."

@@ -170,7 +170,7 @@ def _accumulate(self: TrainLoop):
         if isinstance(batch.get("input_ids"), torch.Tensor): hashes.append(batch_hash(batch["input_ids"]))
         local, context = self.prepare(batch)
         with gradient_sync(self.dp_model, i == accum - 1), context:
-            if isinstance(self.dp_model, Pipeline):   # a pipeline: its schedule runs the backward itself
+            if isinstance(self.dp_model, Pipeline):   # a pipeline: its schedule runs the backward itself (so no on_loss)
                 with self.autocast(): loss, metrics = self.dp_model.forward_backward(local, 1 / accum)
             else:
                 with self.autocast(): loss, metrics = self.loss_fn(self.dp_model, local)
