@@ -1,5 +1,5 @@
 """N-D parallelism through `parallelize` on gloo ranks (CPU, float32): every dimension alone and the combinations
-FSDP x TP, FSDP x EP, TP x PP, FSDP x CP, HSDP and a 3-D layout (FSDP x TP x PP), on tiny dense and MoE Qwen3 models with
+FSDP x TP, FSDP x EP, TP x PP, FSDP x CP, PP x CP, HSDP and a 3-D layout (FSDP x TP x PP), on tiny dense and MoE Qwen3 models with
 packed documents. Each layout trains 3 AdamW steps exactly as the training loop does (`parallel_batch`, the pipeline's
 `forward_backward`, `clip_grad_norm_`, `build_optimizer`), and its losses and every gathered gradient of the first
 step equal one process on the whole global batch within 1e-5. Checkpoints saved under one layout load under another
@@ -33,13 +33,15 @@ ROWS, T, STEPS, LR = 8, 16, 3, 3e-3
 def _spawn(world, fn, *args): spawn(fn, world, *args)
 
 
-def _batch(step: int) -> dict:
-    "A global batch of packed documents: ids, next-token labels and one cu_seqlens over the flattened rows."
+def _batch(step: int, pad: bool = False) -> dict:
+    "A global batch of packed documents: ids, next-token labels (`pad`: the first quarter of each row unlabelled) and cu_seqlens."
     g = torch.Generator().manual_seed(100 + step)
     ids = torch.randint(0, 256, (ROWS, T), generator=g)
     cuts = sorted({int(c) for r in range(ROWS) for c in (r * T + torch.randint(1, T, (2,), generator=g)).tolist()}
                   | {r * T for r in range(ROWS + 1)})
-    return {"input_ids": ids, "labels": torch.roll(ids, -1, 1), "cu_seqlens": torch.tensor(cuts, dtype=torch.int32)}
+    labels = torch.roll(ids, -1, 1)
+    if pad: labels[:, : T // 4] = -100         # under cp=2 only rank 0 holds these tokens: the ranks' label counts differ
+    return {"input_ids": ids, "labels": labels, "cu_seqlens": torch.tensor(cuts, dtype=torch.int32)}
 
 
 def _rows(batch: dict, rows: slice) -> dict:
@@ -57,14 +59,14 @@ def _grads(module) -> dict:
     return out
 
 
-def _reference(cfg):
+def _reference(cfg, pad: bool = False):
     "One process on the whole global batch: the losses of STEPS AdamW steps and the gradients of the first."
     torch.manual_seed(0)
     model = Qwen3Model(cfg)
     opt = build_optimizer(model, LR)
     losses, grads = [], None
     for s in range(STEPS):
-        loss = lm_loss(model, _batch(s))[0]
+        loss = lm_loss(model, _batch(s, pad))[0]
         loss.backward()
         if s == 0: grads = _grads(model)
         clip_grad_norm_(model.parameters(), 1.0); opt.step(); opt.zero_grad(set_to_none=True)
@@ -72,7 +74,7 @@ def _reference(cfg):
     return losses, grads, model
 
 
-def _train(cfg, pd: ParallelDims, ac: str = "none", **kw):
+def _train(cfg, pd: ParallelDims, ac: str = "none", pad: bool = False, **kw):
     "The same steps under layout `pd`, as the training loop runs them; (losses, first-step gradients, module, dp_model, opt)."
     torch.manual_seed(0)
     model = Qwen3Model(cfg)
@@ -82,7 +84,7 @@ def _train(cfg, pd: ParallelDims, ac: str = "none", **kw):
     n, i = pd.dp, pd.dp_rank(dist.get_rank())
     losses, grads = [], None
     for s in range(STEPS):
-        mine = _rows(_batch(s), slice(i * ROWS // n, (i + 1) * ROWS // n))       # this data-parallel slice
+        mine = _rows(_batch(s, pad), slice(i * ROWS // n, (i + 1) * ROWS // n))       # this data-parallel slice
         local, context = parallel_batch(mine, dp, pd)
         with context:
             if isinstance(dp, Pipeline): loss = dp.forward_backward(local, 1.0)[0]
@@ -133,6 +135,8 @@ def _two(rank, world, tmp):
     _check("tp2 no-sp", DENSE, ParallelDims(world_size=2, tp=2), dense, sequence_parallel=False)
     _check("cp2", DENSE, ParallelDims(world_size=2, cp=2), dense)
     _check("cp2 fsdp ac", DENSE, ParallelDims(world_size=2, cp=2, fsdp=True), dense, ac="full")
+    _check("cp2 padded", DENSE, ParallelDims(world_size=2, cp=2, fsdp=True), _reference(DENSE, pad=True), pad=True)
+    _check("cp2 moe padded", MOE, ParallelDims(world_size=2, cp=2), _reference(MOE, pad=True), pad=True)   # DDP
     for sched in ("1F1B", "GPipe", "Interleaved1F1B"):
         module, dp, opt = _check(f"pp2 {sched}", DENSE, ParallelDims(world_size=2, pp=2), dense, pp_schedule=sched,
                                  pp_microbatches=4)
@@ -165,6 +169,11 @@ def _four(rank, world, tmp):
     _check("tp2 x pp2", DENSE, ParallelDims(world_size=4, tp=2, pp=2, fsdp=True), dense, pp_microbatches=2,
            sizes=Path(tmp) / "sizes")
     _check("fsdp2 x cp2", DENSE, ParallelDims(world_size=4, cp=2, fsdp=True), dense)
+    _check("pp2 x cp2 ac", DENSE, ParallelDims(world_size=4, pp=2, cp=2, fsdp=True), dense, pp_microbatches=2, ac="full")
+    _check("pp2 x cp2 padded", DENSE, ParallelDims(world_size=4, pp=2, cp=2, fsdp=True), _reference(DENSE, pad=True),
+           pp_microbatches=2, pad=True)                   # the cp ranks hold different numbers of labels: still exact
+    _check("pp2 x cp2 moe interleaved", MOE, ParallelDims(world_size=4, pp=2, cp=2, fsdp=True), moe,
+           pp_schedule="Interleaved1F1B", pp_microbatches=2)
     _check("hsdp 2x2", DENSE, ParallelDims(world_size=4, fsdp=True, dp_replicate=2), dense)
     _check("fsdp4 x ep2", MOE, ParallelDims(world_size=4, ep=2, fsdp=True), moe)
     _check("fsdp2 x ep2 x cp2", MOE, ParallelDims(world_size=4, ep=2, cp=2, fsdp=True), moe)
@@ -198,7 +207,7 @@ def test_two_ranks(tmp_path):
 
 
 def test_four_ranks(tmp_path):
-    """FSDP x TP, TP x PP, FSDP x CP, HSDP, FSDP x EP, EP x CP and EP x TP equal one process; a TP2 x DP2 checkpoint
+    """FSDP x TP, TP x PP, FSDP x CP, PP x CP (with activation checkpointing; MoE interleaved), HSDP, FSDP x EP, EP x CP and EP x TP equal one process; a TP2 x DP2 checkpoint
     loads under FSDP4 (weights and optimizer resharded) and into one process; the dry run's bytes per rank for the
     TP2 x PP2 layout equal what the ranks of each stage really hold."""
     from qwen3_scratch.distributed.dry_run import dry_run

@@ -1,7 +1,8 @@
 """The parallel plans on one GPU, where the Triton kernels run: a one-rank NCCL group. FSDP2 (bf16 compute, float32
 reduce) over the whole model equals the plain model; ring attention's kernel path (FlashAttention's forward and backward
 with its log-sum-exp, per chunk pair) equals FlashAttention over the whole sequence, packed documents included; expert
-parallelism with the Triton dispatch / combine kernels equals the plain MoE model. Skipped without CUDA."""
+parallelism with the Triton dispatch / combine kernels equals the plain MoE model; a pipeline whose stages run the ring
+(PP x CP) equals the plain model on packed documents. Skipped without CUDA."""
 import copy, os, socket
 
 import pytest
@@ -85,3 +86,26 @@ def test_expert_parallel_triton_kernels(nccl):
     assert abs(got.item() - want.item()) < 1e-2, (got.item(), want.item())
     a = ep.layers[0].mlp.experts.gate_up_proj.grad.full_tensor()
     _close(a, plain.layers[0].mlp.experts.gate_up_proj.grad, 5e-2, "expert grad")
+
+
+def test_pipeline_with_ring_attention_one_gpu(nccl):
+    "A pipeline whose stages' attention is the ring (PP x CP on one rank each): the Triton path per micro-batch, packed docs."
+    from qwen3_scratch.distributed.context_parallel import apply_cp
+    from qwen3_scratch.distributed.pipeline_parallel import build_pipeline
+    from qwen3_scratch.kernels.utils import document_ids
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("debug").replace(tie_word_embeddings=False, gradient_checkpointing=True)
+    with torch.device("cuda"): plain = Qwen3Model(cfg)
+    B, T = 4, 512
+    ids = torch.randint(0, cfg.vocab_size, (B, T), device="cuda"); labels = torch.roll(ids, -1, 1); labels[0, :100] = -100
+    cu = torch.tensor([0, 200, 512, 700, 1024, 1536, 1800, 2048], device="cuda", dtype=torch.int32)
+    doc, pos = document_ids(cu, B, T)
+    cp = dist.new_group([0])
+    pipe = build_pipeline(copy.deepcopy(plain), _mesh("pp"), "1F1B", microbatches=2, parallelize_stage=lambda s: apply_cp(s, cp))
+    with torch.autocast("cuda", torch.bfloat16):
+        want = plain(ids, labels=labels, cu_seqlens=cu).loss
+        got = pipe.forward_backward({"input_ids": ids, "labels": labels, "doc_ids": doc, "position_ids": pos})[0]
+    want.backward()
+    assert abs(got.item() - want.item()) < 2e-2, (got.item(), want.item())
+    g = pipe.stage_models[0].layers["0"].self_attn.q_proj.weight.grad
+    _close(g, plain.layers[0].self_attn.q_proj.weight.grad, 5e-2, "q_proj grad")

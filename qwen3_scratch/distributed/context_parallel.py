@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['cp_chunk_ids', 'check_cp_seq_len', 'cp_shard', 'cp_positions', 'cp_unshard', 'chunk_visibility', 'block_attn_fwd',
            'block_attn_bwd', 'merge_partial', 'ring_attn_fwd', 'ring_attn_bwd', 'RingAttentionFunction', 'CPBatch',
-           'EagerBlocks', 'doc_spans', 'chunk_doc_bounds', 'KernelBlocks', 'RingAttention', 'cp_context', 'apply_cp',
-           'cp_comm_bytes']
+           'EagerBlocks', 'doc_spans', 'chunk_doc_bounds', 'KernelBlocks', 'RingAttention', 'cp_group_of', 'cp_context',
+           'apply_cp', 'cp_comm_bytes']
 
 # %% ../../nbs/24_context_parallel.ipynb #05e92be0
 from contextlib import contextmanager
@@ -314,7 +314,8 @@ class RingAttention(nn.Module):
         "Attention of q `(B, Hq, T/cp, D)` over every rank's k/v `(B, Hkv, T/cp, D)`: `(B, Hq, T/cp, D)`."
         _check_ring_inputs(self, q, k, mask, cu_seqlens)
         q, k, v = autocast_inputs(q, k, v)  # under autocast, one low-precision dtype, as SDPA and the kernel take
-        batch = self.batch or CPBatch(dist.get_rank(self.group), dist.get_world_size(self.group))
+        # the step's CPBatch: passed in the mask slot (a pipeline stage, whose micro-batches interleave), else cp_context's
+        batch = mask if isinstance(mask, CPBatch) else self.batch or CPBatch(dist.get_rank(self.group), dist.get_world_size(self.group))
         scale = self.scale if self.scale is not None else q.shape[-1] ** -0.5
         kernel = use_triton(self.kernels, q) and q.dtype in (torch.float16, torch.bfloat16, torch.float32)  # float64: PyTorch
         blocks = (KernelBlocks if kernel else EagerBlocks)(batch, is_causal, scale)
@@ -326,7 +327,7 @@ def _check_ring_inputs(m: RingAttention, q, k, mask, cu_seqlens):
         raise ConfigError("ring attention got cu_seqlens, which describe the unsharded sequence: call the model without them and "
                           "enter cp_context(model, position_ids=cp_shard(in-document positions), doc_ids=cp_shard(document ids)) "
                           "(both from kernels.utils.document_ids on the whole sequence)")
-    if mask is not None:
+    if mask is not None and not isinstance(mask, CPBatch):
         raise ConfigError("ring attention takes no dense mask (it would cover only the local tokens; the model builds one from "
                           "attention_mask, or from cu_seqlens without the Triton kernels): call the model without them and pass "
                           "doc_ids=cp_shard(document ids) and position_ids to cp_context")
@@ -364,12 +365,16 @@ def _cp_forward_hook(batch: CPBatch, module, args, kwargs):
     return args, kwargs
 
 # %% ../../nbs/24_context_parallel.ipynb #77c40b75
+def cp_group_of(model: nn.Module):
+    "The process group of `model`'s ring attentions (`apply_cp` put them there), or None without context parallelism."
+    return next((m.group for m in model.modules() if isinstance(m, RingAttention)), None)
+
 @contextmanager
 def cp_context(model: nn.Module, position_ids: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None):
     "Inside: the ring attentions of `model` know this step's local `doc_ids` `(B, T/cp)`; its calls get `position_ids`."
     rings = [m for m in model.modules() if isinstance(m, RingAttention)]
     if not rings: raise ConfigError("cp_context: the model has no RingAttention: apply_cp(model, cp_mesh) first")
-    group = rings[0].group
+    group = cp_group_of(model)
     rank, size = dist.get_rank(group), dist.get_world_size(group)
     batch = CPBatch(rank, size, None if doc_ids is None else cp_unshard(doc_ids, size, group), position_ids)
     for m in rings: m.batch = batch

@@ -18,7 +18,7 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 from .context_parallel import cp_comm_bytes
 from .expert_parallel import ep_comm_bytes
 from .parallel import ParallelDims, Pipeline, parallelize
-from .pipeline_parallel import check_layout, pp_bubble, pp_comm_bytes, split_layers, stage_ids
+from .pipeline_parallel import check_layout, pp_bubble, pp_comm_bytes, stage_ids
 from .tensor_parallel import tp_comm_bytes
 from ..errors import ConfigError
 from ..model.config import ModelConfig
@@ -110,7 +110,7 @@ def comm_bytes(config: ModelConfig, pd: ParallelDims, module, *, micro_batch: in
     if pd.ep > 1:
         out["ep all-to-all"] = int(ep_comm_bytes(config, b * s // pd.cp, pd.ep, compute_bytes)["total_bytes"] * share * grad_accum)
     if pd.pp > 1:
-        p = pp_comm_bytes(config, b // pp_microbatches, s, pd.pp, compute_bytes, pp_microbatches, pp_stages_per_rank)
+        p = pp_comm_bytes(config, b // pp_microbatches, s // pd.cp, pd.pp, compute_bytes, pp_microbatches, pp_stages_per_rank)
         out["pp send/recv"] = int(p["total"] * grad_accum)
     return out
 
@@ -196,8 +196,7 @@ def _ranges(xs: list[int]) -> str:
 
 def format_dry_run(plan: DryRun, gpu_memory_gb: float = 80.0) -> str:
     "A human-readable plan, with whether each stage's rank fits in `gpu_memory_gb`."
-    pd, s, c = plan.parallel_dims, plan.settings, plan.config
-    n = c.num_parameters_estimate() if hasattr(c, "num_parameters_estimate") else None
+    pd, s = plan.parallel_dims, plan.settings
     degrees = " x ".join(f"{k} {getattr(pd, k)}" for k in ("pp", "dp", "cp", "tp") if getattr(pd, k) > 1) or "1 process"
     lines = [f"dry run: {pd.world_size} ranks = {degrees}" + (f", ep {pd.ep}" if pd.ep > 1 else "")
              + (f" (FSDP2{', HSDP x' + str(pd.dp_replicate) if pd.dp_replicate > 1 else ''})" if pd.fsdp else " (DDP)" if pd.dp > 1 else ""),

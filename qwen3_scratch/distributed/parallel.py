@@ -7,6 +7,7 @@ __all__ = ['apply_compile', 'data_parallel', 'apply_plans', 'parallelize', 'para
 
 # %% ../../nbs/29_parallelize.ipynb #812088ad
 from contextlib import contextmanager, nullcontext
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -73,22 +74,32 @@ def parallelize(model: nn.Module, parallel_dims: ParallelDims, *, activation_che
     kw = dict(sequence_parallel=sequence_parallel, activation_checkpointing=activation_checkpointing, compile=compile,
               param_dtype=param_dtype, reshard_after_forward=reshard_after_forward, cpu_offload=cpu_offload)
     if pd.pp == 1: return apply_plans(model, pd, **kw)
-    if pd.cp > 1:
-        raise ConfigError("pipeline and context parallelism together are not supported yet (the ring's position hook "
-                          "sits on the whole model, a stage gets hidden states): set distributed.cp_size=1 or pp_size=1")
     return build_pipeline(model, pd.meshes["pp"], pp_schedule, pp_microbatches or 2 * pd.pp,
                           stages_per_rank=pp_stages_per_rank or None, parallelize_stage=lambda s: apply_plans(s, pd, **kw))
 
 # %% ../../nbs/29_parallelize.ipynb #21ebf999
+def _weigh_loss(weight: float, coef: float):
+    "A forward hook scaling a `ModelOutput`'s cross-entropy (not its balancing term) by `weight`."
+    def hook(module, args, kwargs, out):
+        if getattr(out, "loss", None) is None or weight == 1.0: return out
+        ce = out.loss - coef * out.aux_loss if out.aux_loss is not None else out.loss
+        return replace(out, loss=out.loss + (weight - 1.0) * ce)
+    return hook
+
 @contextmanager
-def _step_context(model, cp_args):
-    with tp_loss_context(model), (cp_context(model, **cp_args) if cp_args is not None else nullcontext()): yield
+def _step_context(model, cp_args, loss_weight: float = 1.0):
+    with tp_loss_context(model), (cp_context(model, **cp_args) if cp_args is not None else nullcontext()):
+        coef = getattr(getattr(getattr(model, "module", model), "config", None), "router_aux_loss_coef", 0.0)   # DDP: .module
+        hook = None if loss_weight == 1.0 else model.register_forward_hook(_weigh_loss(loss_weight, coef), with_kwargs=True)
+        try: yield
+        finally:
+            if hook is not None: hook.remove()
 
 def parallel_batch(batch: dict, model: nn.Module, parallel_dims: ParallelDims):
     "(this rank's part of `batch`, the context its forward and backward run in): TP's loss parallelism, CP's sharding."
-    pd = parallel_dims
-    if isinstance(model, Pipeline): return batch, _step_context(model.stage_models[-1], None)   # its loss: the last stage
-    if pd.cp == 1: return batch, _step_context(model, None)
+    pd, pipe = parallel_dims, isinstance(model, Pipeline)
+    loss_model = model.stage_models[-1] if pipe else model                # a pipeline's loss: on its last stage
+    if pd.cp == 1: return batch, _step_context(loss_model, None)
     rank, ids = pd.coords(get_rank())["cp"], batch["input_ids"]
     (B, T), cu = ids.shape, batch.get("cu_seqlens")
     check_cp_seq_len(T, pd.cp)
@@ -96,4 +107,10 @@ def parallel_batch(batch: dict, model: nn.Module, parallel_dims: ParallelDims):
     else: doc, pos = None, torch.arange(T, device=ids.device).expand(B, T)
     shard = lambda t: None if t is None else cp_shard(t, rank, pd.cp)
     local = {**batch, "input_ids": shard(ids), "labels": shard(batch.get("labels")), "cu_seqlens": None}
-    return local, _step_context(model, dict(position_ids=shard(pos), doc_ids=shard(doc)))
+    if pipe:     # the stages build each micro-batch's CPBatch from the whole rows' documents and the local positions
+        return {**local, "doc_ids": doc, "position_ids": shard(pos)}, _step_context(loss_model, None)
+    weight = 1.0
+    if local["labels"] is not None:   # the rank's mean over its labels, weighed to its share of the rows' labels
+        mine, rows = int(local["labels"].ne(-100).sum()), int(batch["labels"].ne(-100).sum())
+        weight = mine * pd.cp / rows if rows else 1.0
+    return local, _step_context(model, dict(position_ids=shard(pos), doc_ids=shard(doc)), weight)

@@ -4,11 +4,11 @@
 
 # %% auto #0
 __all__ = ['SCHEDULES', 'split_layers', 'stage_ids', 'check_layout', 'pp_bubble', 'pp_comm_bytes', 'PipelineStageModel',
-           'summed_cross_entropy', 'Pipeline', 'build_pipeline', 'StageGroup']
+           'summed_cross_entropy', 'Pipeline', 'build_pipeline', 'StageGroup', 'batch_documents']
 
 # %% ../../nbs/25_pipeline_parallel.ipynb #1829e874
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -21,10 +21,11 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 from torch.utils.checkpoint import checkpoint
 
 from .comm import clip_grad_norm_
+from .context_parallel import CPBatch, cp_group_of
 from ..errors import ConfigError
 from ..kernels.utils import cu_seqlens_of, document_ids, use_triton
 from ..model.moe import MoEStats, load_balancing_loss, pack_router_stats
-from ..model.transformer import Qwen3Model
+from ..model.transformer import LayerInputs, Qwen3Model
 
 SCHEDULES = {"GPipe": ScheduleGPipe, "1F1B": Schedule1F1B, "Interleaved1F1B": ScheduleInterleaved1F1B}
 
@@ -123,15 +124,26 @@ def carry_router_stats(self: PipelineStageModel, carried: torch.Tensor | None, s
 
 # %% ../../nbs/25_pipeline_parallel.ipynb #5d0a9d62
 @patch
-def forward(self: PipelineStageModel, x: torch.Tensor, router_stats: torch.Tensor | None = None, doc_ids=None):
+def stage_inputs(self: PipelineStageModel, x, doc_ids=None, position_ids=None) -> LayerInputs:
+    "RoPE and masks for a micro-batch's hidden states `x` `(B, T, d)` (`(B, T/cp, d)` under CP) from its documents' ids."
+    group = cp_group_of(self)                                       # context parallelism: the ring attentions' group
+    if group is None:
+        cu = None if doc_ids is None else cu_seqlens_of(doc_ids)
+        return Qwen3Model.layer_inputs(self, x, position_ids, cu_seqlens=cu, fused=use_triton(self.config.kernels, x))
+    batch = CPBatch(dist.get_rank(group), dist.get_world_size(group), doc_ids, position_ids)   # doc_ids: the whole rows
+    pos = batch.local_positions(x.shape[1], x.device).expand(x.shape[0], -1)
+    return replace(Qwen3Model.layer_inputs(self, x, pos, fused=True), mask=batch)   # the ring reads its mask slot
+
+@patch
+def forward(self: PipelineStageModel, x: torch.Tensor, router_stats: torch.Tensor | None = None, doc_ids=None,
+            position_ids=None):
     "Ids `(B, T)` into stage 0, hidden states `(B, T, d)` into later ones; out hidden states, or logits `(B, T, V)` on the last."
     # an MoE model also passes the (2E+1,) router statistics in and out, second; packed documents come as their ids
     # `(B, T)` (a keyword every stage is handed with its micro-batch's rows), since cu_seqlens does not split by rows
     if self.is_first: x = Qwen3Model.embed(self, x)                                        # (B, T, d)
     layout = getattr(self, "tp_residual", None)         # tensor parallelism: stages exchange the local shards
     if layout is not None and not isinstance(x, DTensor): x = DTensor.from_local(x, *layout, run_check=False)
-    cu = None if doc_ids is None else cu_seqlens_of(doc_ids)
-    inp = Qwen3Model.layer_inputs(self, x, cu_seqlens=cu, fused=use_triton(self.config.kernels, x))
+    inp = self.stage_inputs(x, doc_ids, position_ids)
     x, stats = self.run_layers(x, inp)                                                      # (B, T, d)
     if self.is_last: x, _ = Qwen3Model.head_and_loss(self, self.norm(x))                  # (B, T, V)
     elif isinstance(x, DTensor): x = x.to_local()                                          # what goes over the wire
@@ -200,7 +212,7 @@ def build_pipeline(model: Qwen3Model, pp_mesh, schedule: str = "1F1B", microbatc
 
 # %% ../../nbs/25_pipeline_parallel.ipynb #06a04749
 @patch
-def _run(self: Pipeline, run, input_ids: torch.Tensor, labels: torch.Tensor, doc_ids=None):
+def _run(self: Pipeline, run, input_ids: torch.Tensor, labels: torch.Tensor, doc_ids=None, position_ids=None):
     "Count the batch's tokens, hand the first stage the ids and the last the labels, run `run`; the summed loss or None."
     B, T = input_ids.shape
     if B % self.microbatches: raise ConfigError(f"a batch of {B} rows does not split into {self.microbatches} micro-batches: "
@@ -208,37 +220,51 @@ def _run(self: Pipeline, run, input_ids: torch.Tensor, labels: torch.Tensor, doc
     if self.shape not in (None, (B, T)):
         raise ConfigError(f"pipeline stages exchange fixed-shape activations, set up for batches of {self.shape} but got "
                           f"{(B, T)}: pad every batch to the same length (and keep the batch size)")
-    self.shape, self.num_tokens = (B, T), labels.ne(-100).sum().clamp(min=1)
+    self.shape, self.num_tokens = (B, T), self.count_tokens(labels)
     losses = [] if self.has_last else None
-    kw = {} if doc_ids is None else {"doc_ids": doc_ids}                # split into micro-batches by rows, like the ids
+    kw = {k: v for k, v in (("doc_ids", doc_ids), ("position_ids", position_ids)) if v is not None}   # split by rows
     run(*((input_ids,) if self.has_first else ()), target=labels if self.has_last else None, losses=losses, return_outputs=False, **kw)
     return torch.stack(losses).sum().detach() if self.has_last else None
 
 @patch
-def step(self: Pipeline, input_ids: torch.Tensor, labels: torch.Tensor, doc_ids=None) -> torch.Tensor | None:
+def step(self: Pipeline, input_ids: torch.Tensor, labels: torch.Tensor, doc_ids=None, position_ids=None) -> torch.Tensor | None:
     "Forward and backward of the global batch `(B, T)` in micro-batches; its token-mean loss on the last stage's rank."
-    return self._run(self.schedule.step, input_ids, labels, doc_ids)
+    return self._run(self.schedule.step, input_ids, labels, doc_ids, position_ids)
+
+@patch(as_prop=True)
+def cp_group(self: Pipeline):
+    "The context-parallel group of this rank's stages, or None."
+    return cp_group_of(self.stage_models[0])
+
+@patch
+def count_tokens(self: Pipeline, labels: torch.Tensor) -> torch.Tensor:
+    "N of the loss: the labelled tokens of the batch; under CP, those of the whole rows over the cp ranks, divided by cp."
+    n = labels.ne(-100).sum()
+    if self.cp_group is None: return n.clamp(min=1)
+    n = n.float(); dist.all_reduce(n, group=self.cp_group)      # each cp rank holds 1/cp of every row
+    return n.clamp(min=1) / dist.get_world_size(self.cp_group)   # the mean over the cp ranks is then the batch's mean
 
 # %% ../../nbs/25_pipeline_parallel.ipynb #d7dca8ff
 @patch
-def eval_loss(self: Pipeline, input_ids: torch.Tensor, labels: torch.Tensor, doc_ids=None) -> torch.Tensor | None:
+def eval_loss(self: Pipeline, input_ids: torch.Tensor, labels: torch.Tensor, doc_ids=None, position_ids=None) -> torch.Tensor | None:
     "The same loss as `step`, forward only (eval mode), for validation; None off the last stage's rank."
     modes = [m.training for m in self.stage_models]
     for m in self.stage_models: m.eval()
     # one rank holding several stages: torch's runtime schedule still asks for backward inputs in eval, so run them in order
     run = self.schedule.eval if len(self.stages) == 1 or dist.get_world_size(self.group) > 1 else self._forward_local
     try:
-        with torch.no_grad(): return self._run(run, input_ids, labels, doc_ids)
+        with torch.no_grad(): return self._run(run, input_ids, labels, doc_ids, position_ids)
     finally:
         for m, t in zip(self.stage_models, modes): m.train(t)
 
 @patch
-def _forward_local(self: Pipeline, input_ids, target=None, losses=None, return_outputs=False, doc_ids=None):
+def _forward_local(self: Pipeline, input_ids, target=None, losses=None, return_outputs=False, doc_ids=None,
+                   position_ids=None):
     "Every stage on this rank: each micro-batch through the stages in order, its loss appended to `losses`."
-    docs = [None] * self.microbatches if doc_ids is None else doc_ids.chunk(self.microbatches)
-    for ids, labels, doc in zip(input_ids.chunk(self.microbatches), target.chunk(self.microbatches), docs):
-        out = ids
-        for m in self.stage_models: out = m(*out, doc_ids=doc) if isinstance(out, tuple) else m(out, doc_ids=doc)
+    rows = lambda t: [None] * self.microbatches if t is None else t.chunk(self.microbatches)
+    for ids, labels, doc, pos in zip(rows(input_ids), rows(target), rows(doc_ids), rows(position_ids)):
+        out, kw = ids, dict(doc_ids=doc, position_ids=pos)
+        for m in self.stage_models: out = m(*out, **kw) if isinstance(out, tuple) else m(out, **kw)
         losses.append(self.loss(out, labels))
 
 # %% ../../nbs/25_pipeline_parallel.ipynb #5c44daec
@@ -286,15 +312,31 @@ def set_requires_gradient_sync(self: Pipeline, enabled: bool):
         if hasattr(m, "set_requires_gradient_sync"): m.set_requires_gradient_sync(enabled)
 
 # %% ../../nbs/25_pipeline_parallel.ipynb #8eacac1f
+def batch_documents(batch: dict) -> tuple:
+    "(document ids `(B, T)` of the whole rows, local positions or None) of a batch: as `parallel_batch` shards one for CP, else from its cu_seqlens."
+    if "doc_ids" in batch: return batch["doc_ids"], batch.get("position_ids")
+    cu = batch.get("cu_seqlens")
+    return (None if cu is None else document_ids(cu, *batch["input_ids"].shape)[0]), None
+
+@patch
+def _everywhere(self: Pipeline, loss, scale: float, device) -> torch.Tensor:
+    "The last stage's loss (unscaled, a plain tensor) on every pipeline rank."
+    if hasattr(loss, "full_tensor"): loss = loss.full_tensor()                          # tensor parallel: a DTensor
+    loss = torch.zeros((), device=device) if loss is None else loss.float() / scale
+    dist.all_reduce(loss, group=self.group)                                            # from the last stage to all
+    return loss
+
 @patch
 def forward_backward(self: Pipeline, batch: dict, scale: float = 1.0) -> tuple[torch.Tensor, dict]:
     "One pipeline step on `batch` (input_ids, labels, optional cu_seqlens); the loss on every pipeline rank, and metrics."
-    ids, labels, cu = batch["input_ids"], batch["labels"], batch.get("cu_seqlens")
-    doc = None if cu is None else document_ids(cu, *ids.shape)[0]
+    ids, labels = batch["input_ids"], batch["labels"]
     self.scale = scale
-    try: loss = self.step(ids, labels, doc)
+    try: loss = self.step(ids, labels, *batch_documents(batch))
     finally: self.scale = 1.0
-    if hasattr(loss, "full_tensor"): loss = loss.full_tensor()                          # tensor parallel: a DTensor
-    loss = torch.zeros((), device=ids.device) if loss is None else loss / scale        # the unscaled step loss
-    dist.all_reduce(loss, group=self.group)                                            # from the last stage to all
-    return loss, {"tokens": ids.numel()}
+    return self._everywhere(loss, scale, ids.device), {"tokens": ids.numel()}
+
+@patch
+def eval_batch(self: Pipeline, batch: dict) -> torch.Tensor:
+    "`eval_loss` of `batch` (as `forward_backward` takes it) on every pipeline rank: validation's loss."
+    return self._everywhere(self.eval_loss(batch["input_ids"], batch["labels"], *batch_documents(batch)), 1.0,
+                            batch["input_ids"].device)

@@ -13,7 +13,6 @@ from functools import partial
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from fastcore.basics import patch
 
 from ..data.collator import TextCollator
@@ -22,7 +21,6 @@ from ..data.corpora import (MixtureDataset, build_cached_corpus, cache_key, defa
 from ..distributed.comm import all_reduce_sum_, get_rank, get_world_size, init_distributed
 from ..distributed.parallel import ParallelDims, Pipeline, parallel_batch, parallelize
 from ..errors import CheckpointError, ConfigError, DataError, Qwen3Error
-from ..kernels.utils import document_ids
 from ..model.config import ModelConfig
 from ..model.transformer import Qwen3Model
 from .checkpoint import Checkpointer, check_architecture, checkpoint_meta, resolve_resume
@@ -116,9 +114,10 @@ def lm_validation(model, dataset, collate, micro_batch_size: int, batches: int, 
     total = torch.zeros(2, device=device, dtype=torch.float64)                   # (sum of losses, batches)
     for j in range(rank, -(-batches // world) * world, world):                   # batch j of the fixed validation set
         batch = {k: v.to(device) for k, v in collate([dataset[(j * size + i) % len(dataset)] for i in range(size)]).items()}
-        if isinstance(runner, Pipeline): ce = _pipeline_val_loss(runner, batch)
+        local, context = prepare(batch) if prepare is not None else (batch, nullcontext())
+        if isinstance(runner, Pipeline):
+            with context: ce = runner.eval_batch(local)             # on every pipeline rank, with the balancing term
         else:
-            local, context = prepare(batch) if prepare is not None else (batch, nullcontext())
             with context: out = runner(input_ids=local["input_ids"], labels=local["labels"], cu_seqlens=local["cu_seqlens"])
             ce = out.loss - model.config.router_aux_loss_coef * out.aux_loss if out.aux_loss is not None else out.loss
             ce = ce.full_tensor() if hasattr(ce, "full_tensor") else ce          # a DTensor under tensor parallelism
@@ -126,15 +125,6 @@ def lm_validation(model, dataset, collate, micro_batch_size: int, batches: int, 
     if hook is not None: model.moe_all_reduce = hook
     all_reduce_sum_(total)
     return {"val_loss": (total[0] / total[1]).item()}
-
-def _pipeline_val_loss(pipe: Pipeline, batch: dict) -> torch.Tensor:
-    "The pipeline's forward-only loss of `batch`, on every pipeline rank (MoE models: with the balancing term)."
-    doc = document_ids(batch["cu_seqlens"], *batch["input_ids"].shape)[0] if batch.get("cu_seqlens") is not None else None
-    loss = pipe.eval_loss(batch["input_ids"], batch["labels"], doc)
-    if hasattr(loss, "full_tensor"): loss = loss.full_tensor()
-    loss = torch.zeros((), device=batch["input_ids"].device) if loss is None else loss.float()
-    dist.all_reduce(loss, group=pipe.group)
-    return loss
 
 # %% ../../nbs/35_pretrain.ipynb #36afb11c
 def resume_point(cfg: TrainingConfig, base: ModelConfig, resume) -> tuple[Path | None, dict | None]:
