@@ -63,7 +63,12 @@ def sdpa(q, k, v, mask=None, is_causal=False, scale=None, dropout_p: float = 0.0
         if mask is None:  # the flash / cuDNN paths broadcast KV heads themselves
             return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale, dropout_p=dropout_p,
                                                   enable_gqa=True)
-        k, v = repeat_kv(k, q.shape[1] // k.shape[1]), repeat_kv(v, q.shape[1] // k.shape[1])  # masked paths need it
+        G = q.shape[1] // k.shape[1]
+        if q.shape[2] == 1 and not is_causal:  # one decoding query per head: the group's G queries as one KV head's rows
+            B, _, _, D = q.shape             # (reads the cache once instead of copying it G times)
+            out = F.scaled_dot_product_attention(q.view(B, -1, G, D), k, v, attn_mask=mask, scale=scale, dropout_p=dropout_p)
+            return out.view(B, -1, 1, D)
+        k, v = repeat_kv(k, G), repeat_kv(v, G)  # masked paths need it
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, dropout_p=dropout_p)
 
 # %% ../../nbs/03_attention.ipynb #0d5298d2
