@@ -4,6 +4,7 @@
 #   bash benchmarks/run_gpu_checks.sh bench-kernels  # benchmarks/bench_kernels.py (Liger-Kernel rows if importable)
 #   bash benchmarks/run_gpu_checks.sh bench-model    # benchmarks/bench_model.py
 #   bash benchmarks/run_gpu_checks.sh bench-moe      # benchmarks/bench_moe.py
+#   bash benchmarks/run_gpu_checks.sh bench-generate # benchmarks/bench_generate.py (extra args pass through: --shapes 0.6B)
 #   bash benchmarks/run_gpu_checks.sh all
 # On a 2-GPU host, `tests` also runs tests/test_pretrain.py's NCCL test (DDP, FSDP2, resume on 1 GPU); it skips on one GPU.
 # Wheels the GPU image lacks (fastcore, nbdev and its deps, quicktok-v1, liger-kernel) travel in .whl/; results go to $OUT.
@@ -40,5 +41,8 @@ if [ "$MODE" = bench-model ] || [ "$MODE" = all ]; then
 fi
 if [ "$MODE" = bench-moe ] || [ "$MODE" = all ]; then
   python3 benchmarks/bench_moe.py --out "$OUT/moe.md" "$@" 2>&1 | tee "$OUT/bench_moe.log" | tail -25 || rc=1
+fi
+if [ "$MODE" = bench-generate ] || [ "$MODE" = all ]; then
+  python3 benchmarks/bench_generate.py --out "$OUT/generate.md" "$@" 2>&1 | tee "$OUT/bench_generate.log" | tail -40 || rc=1
 fi
 exit $rc

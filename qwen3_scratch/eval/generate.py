@@ -7,12 +7,13 @@ __all__ = ['SamplingParams', 'repetition_penalty', 'top_k_filter', 'top_p_filter
            'sample_tokens', 'StaticKVCache', 'DecodeStep', 'GenerationOutput', 'split_thinking', 'soft_switch',
            'TextGenerator', 'Decoding']
 
-# %% ../../nbs/36_generate.ipynb #1334920e
-import re
+# %% ../../nbs/36_generate.ipynb #ddfc4a41
+import re, warnings
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 from fastcore.basics import patch
 from torch import nn
 
@@ -21,7 +22,7 @@ from ..model.attention import KVCache
 from ..model.multimodal import Qwen3VLModel
 from ..model.transformer import Qwen3Model
 
-# %% ../../nbs/36_generate.ipynb #d0004c27
+# %% ../../nbs/36_generate.ipynb #d0233d5d
 @dataclass(frozen=True)
 class SamplingParams:
     "How the next token is drawn; `temperature=0` is greedy. Every field applies to all rows of a call."
@@ -41,7 +42,7 @@ class SamplingParams:
     @property
     def greedy(self) -> bool: return self.temperature == 0
 
-# %% ../../nbs/36_generate.ipynb #8ab63d21
+# %% ../../nbs/36_generate.ipynb #1c47ef5b
 def repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     "CTRL's penalty on the tokens `seen` `(B, V)` bool: positive logits divided by `penalty`, negative ones multiplied."
     if penalty == 1.0: return logits
@@ -67,25 +68,28 @@ def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     probs = logits.softmax(-1)
     return logits.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), float("-inf"))
 
-# %% ../../nbs/36_generate.ipynb #2719cc5b
-def sampling_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None) -> torch.Tensor:
+# %% ../../nbs/36_generate.ipynb #3911c6d9
+def sampling_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None,
+                    vocab: int | None = None) -> torch.Tensor:
     "The float32 logits `(B, V)` of the distribution a token is drawn from: penalty, temperature, top-k, top-p, min-p."
     x = repetition_penalty(logits.float(), seen, params.repetition_penalty) if seen is not None else logits.float()
+    if vocab is not None and vocab < x.shape[-1]:   # the embedding's padding rows past the tokenizer's ids: never drawn
+        x = F.pad(x[..., :vocab], (0, x.shape[-1] - vocab), value=float("-inf"))
     if params.greedy: return x
     return min_p_filter(top_p_filter(top_k_filter(x / params.temperature, params.top_k), params.top_p), params.min_p)
 
-def sample_tokens(logits: torch.Tensor, params: SamplingParams, seen=None, generator=None):
+def sample_tokens(logits: torch.Tensor, params: SamplingParams, seen=None, generator=None, vocab: int | None = None):
     "Draw one token per row of `logits` `(B, V)`: (tokens, log-prob under the sampling distribution, under the raw model)."
-    x = sampling_logits(logits, params, seen)
+    x = sampling_logits(logits, params, seen, vocab)
     if params.greedy: tok = x.argmax(-1)
     else:   # Gumbel-max with exponential noise: argmax p / E ~ Categorical(p), no host sync (torch.multinomial may sync)
         probs = x.softmax(-1)
         tok = (probs / torch.empty_like(probs).exponential_(generator=generator)).argmax(-1)
     pick = lambda t: t.log_softmax(-1).gather(-1, tok[:, None])[:, 0]
     model_lp = pick(logits.float())
-    return tok, model_lp if x is logits or (params.greedy and seen is None) else pick(x), model_lp
+    return tok, model_lp if x is logits or (params.greedy and seen is None and vocab is None) else pick(x), model_lp
 
-# %% ../../nbs/36_generate.ipynb #2c97d514
+# %% ../../nbs/36_generate.ipynb #bed807b0
 class StaticKVCache(KVCache):
     "A `KVCache` whose decoding writes land at `index`, a device tensor: a step whose shapes never change, for CUDA graphs."
     def __init__(self, *args, **kwargs):
@@ -103,7 +107,7 @@ class StaticKVCache(KVCache):
     def advance(self, n: int):
         if not self.static: super().advance(n)
 
-# %% ../../nbs/36_generate.ipynb #7d0eb6e9
+# %% ../../nbs/36_generate.ipynb #166ed0ad
 class DecodeStep:
     "One decoding step over a `StaticKVCache` as a function of fixed buffers: eager, or recorded once and replayed."
     def __init__(self, lm: Qwen3Model, cache: StaticKVCache, mrope: bool):
@@ -128,7 +132,7 @@ class DecodeStep:
         c.index += 1
         return lm.head_and_loss(lm.norm(x))[0][:, -1].float()                            # (B, V)
 
-# %% ../../nbs/36_generate.ipynb #28a3a23b
+# %% ../../nbs/36_generate.ipynb #28ca5d91
 def _record(self: DecodeStep, warmup: int = 2):
     "Record `compute` as a CUDA graph (after warm-up runs on a side stream, which leave the cache index as it was)."
     start = self.cache.index.clone()
@@ -147,7 +151,7 @@ def _call(self: DecodeStep) -> torch.Tensor:
     return self.logits
 DecodeStep.record, DecodeStep.__call__ = _record, _call
 
-# %% ../../nbs/36_generate.ipynb #d781a384
+# %% ../../nbs/36_generate.ipynb #12abefce
 @dataclass
 class GenerationOutput:
     "One completion: the answer, its thinking, its tokens and their log-probabilities, and why it ended."
@@ -175,7 +179,7 @@ def soft_switch(messages: list[dict]) -> bool | None:
         if found: return found[-1] == "think"
     return None
 
-# %% ../../nbs/36_generate.ipynb #0c3290b1
+# %% ../../nbs/36_generate.ipynb #40ca6a0c
 def _is_single(prompt) -> bool:
     "A prompt (text, token ids, chat messages) rather than a list of them."
     if isinstance(prompt, str): return True
@@ -185,12 +189,13 @@ def _is_single(prompt) -> bool:
         return isinstance(prompt[0], (int, dict))
     raise ConfigError(f"a prompt of type {type(prompt).__name__}: pass text, token ids, chat messages, or a list of them")
 
-# %% ../../nbs/36_generate.ipynb #8d6bbfe8
+# %% ../../nbs/36_generate.ipynb #10daa914
 def _next_pow2(n: int) -> int: return 1 << max(0, n - 1).bit_length()
 
 class TextGenerator:
     "Generate from a `Qwen3Model` or `Qwen3VLModel` (dense or MoE): prompts as text, token ids or chat messages."
-    def __init__(self, model: nn.Module, tokenizer=None, cuda_graphs: bool | None = None, sync_every: int = 8):
+    def __init__(self, model: nn.Module, tokenizer=None, cuda_graphs: bool | None = None, sync_every: int = 8,
+                 compact: bool = True):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.lm = model.language_model if isinstance(model, Qwen3VLModel) else model
         p = next(model.parameters())
@@ -199,6 +204,9 @@ class TextGenerator:
         if self.cuda_graphs and self.device.type != "cuda":
             raise ConfigError(f"cuda_graphs=True but the model is on {self.device}: move it to a GPU, or leave cuda_graphs unset")
         self.sync_every = sync_every      # decode steps between looks at the host (finished rows, stop strings)
+        self.compact = compact            # move live rows to a smaller step when at most half are live
+        n = getattr(tokenizer, "vocab_size", None)  # ids past the tokenizer's (the embedding's padding rows) have no text
+        self.vocab = n if n is not None and n < self.config.vocab_size else None
         self._steps: dict = {}            # (rows, cache length) -> recorded DecodeStep
 
     def __repr__(self): return f"TextGenerator({type(self.model).__name__}, {self.device}, {self.dtype}, cuda_graphs={self.cuda_graphs})"
@@ -208,7 +216,7 @@ class TextGenerator:
         self._steps.clear()
         if self.device.type == "cuda": torch.cuda.empty_cache()
 
-# %% ../../nbs/36_generate.ipynb #6166791e
+# %% ../../nbs/36_generate.ipynb #a8b0f1ea
 @patch
 def encode(self: TextGenerator, prompt, thinking: bool | None = None) -> list[int]:
     "Token ids of one prompt: text as is (or as a user turn when `thinking` is set), ids as given, messages templated."
@@ -226,7 +234,7 @@ def encode(self: TextGenerator, prompt, thinking: bool | None = None) -> list[in
     return self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True,
                                               enable_thinking=True if enable is None else enable)
 
-# %% ../../nbs/36_generate.ipynb #893241e7
+# %% ../../nbs/36_generate.ipynb #8212fa74
 def _free_bytes(device: torch.device) -> int | None:
     "Memory a new allocation can still take on `device` (None: unknown)."
     if device.type == "cuda":
@@ -240,6 +248,9 @@ def _free_bytes(device: torch.device) -> int | None:
 def check_fits(self: TextGenerator, rows: int, seq_len: int, prompt_len: int, max_new_tokens: int):
     "Refuse a request longer than the context, or with more rows than the free memory holds (saying how many would fit)."
     ctx = self.config.max_position_embeddings
+    if prompt_len >= ctx:
+        raise ConfigError(f"a prompt of {prompt_len} tokens does not fit the model's context of {ctx} tokens: shorten it "
+                          f"to at most {ctx - 1} tokens")
     if prompt_len + max_new_tokens > ctx:
         raise ConfigError(f"a prompt of {prompt_len} tokens + max_new_tokens={max_new_tokens} exceeds the model's context "
                           f"of {ctx} tokens: shorten the prompt, or set max_new_tokens <= {max(ctx - prompt_len, 0)}")
@@ -252,7 +263,7 @@ def check_fits(self: TextGenerator, rows: int, seq_len: int, prompt_len: int, ma
                           f"and logits, and {free / 2**30:.1f} GiB are free: at most {fit} fit; lower n, the number of "
                           "prompts or max_new_tokens, or generate in several calls")
 
-# %% ../../nbs/36_generate.ipynb #a0bb252b
+# %% ../../nbs/36_generate.ipynb #74808b00
 @patch
 def prefill(self: TextGenerator, prompts: list[list[int]], images=None):
     "Run the left-padded prompts once: (last-position logits `(B, V)`, the prompt cache, RoPE deltas `(B,)`, padding mask `(B, P)`)."
@@ -274,7 +285,7 @@ def prefill(self: TextGenerator, prompts: list[list[int]], images=None):
         deltas = am.sum(-1) - P                                     # position of cache slot i: i + delta
     return out.logits[:, -1].float(), cache, deltas, am.bool()
 
-# %% ../../nbs/36_generate.ipynb #b320c542
+# %% ../../nbs/36_generate.ipynb #a8331966
 @patch
 def prepare_images(self: TextGenerator, prompts: list[list[int]], images) -> tuple:
     "(prompts with each `<|image_pad|>` expanded to its image's tokens, (pixel_values, image_grid_thw) or None)."
@@ -295,7 +306,7 @@ def prepare_images(self: TextGenerator, prompts: list[list[int]], images) -> tup
         out.append(ids.tolist()); pix.append(px); grids.append(grid)
     return out, (torch.cat(pix).to(self.device, self.dtype), torch.cat(grids).to(self.device))
 
-# %% ../../nbs/36_generate.ipynb #f28c14b3
+# %% ../../nbs/36_generate.ipynb #0e056ee4
 @patch
 def decode_step(self: TextGenerator, rows: int, seq_len: int) -> DecodeStep:
     "A `DecodeStep` for `rows` sequences of up to `seq_len` tokens: with CUDA graphs one recorded per (rows, seq_len), reused."
@@ -304,7 +315,11 @@ def decode_step(self: TextGenerator, rows: int, seq_len: int) -> DecodeStep:
     key = (rows, seq_len)
     if key not in self._steps:
         step = make()
-        step.record()
+        try: step.record()
+        except RuntimeError as e:       # a model whose step syncs with the host cannot be recorded: run it eagerly
+            warnings.warn(f"decoding without CUDA graphs: recording the step failed ({str(e).splitlines()[0]})")
+            step.graph = None
+            torch.cuda.synchronize()
         self._steps[key] = step
     return self._steps[key]
 
@@ -313,7 +328,7 @@ def _static_cache(gen: TextGenerator, rows: int, seq_len: int) -> StaticKVCache:
     cache.static = True
     return cache
 
-# %% ../../nbs/36_generate.ipynb #80da414f
+# %% ../../nbs/36_generate.ipynb #7fd7f459
 class Decoding:
     "One generate call's rows between steps: the decode step in use, which row each slot holds, what they produced."
     def __init__(self, gen: TextGenerator, prompts: list[list[int]], n: int, max_new_tokens: int, feats=None):
@@ -336,7 +351,7 @@ class Decoding:
         self.eos = torch.zeros(R + 1, dtype=torch.bool, device=dev)
         self.seen = None
 
-# %% ../../nbs/36_generate.ipynb #5a8b017a
+# %% ../../nbs/36_generate.ipynb #6027834e
 @patch
 def pad(self: Decoding, x: torch.Tensor, value) -> torch.Tensor:
     "`x` `(rows, ...)` extended to the slots with `value`."
@@ -352,7 +367,7 @@ def load(self: Decoding, step: DecodeStep, cache: StaticKVCache, rows, length: i
     step.valid[:a, :valid.shape[1]], step.valid[:a, valid.shape[1]:], step.valid[a:] = valid, True, True
     return step
 
-# %% ../../nbs/36_generate.ipynb #ed72f4c7
+# %% ../../nbs/36_generate.ipynb #6a53e36a
 @patch
 def record(self: Decoding, t: int, tok, logprob, model_logprob, stop_ids: torch.Tensor) -> torch.Tensor:
     "Write step `t`'s tokens to their rows; rows that drew a stop token finish. Returns the tokens to feed back."
@@ -372,7 +387,7 @@ def stop_strings(self: Decoding, t: int, stop: list[str]):
         if r < self.R and not self.done[s] and any(x in self.gen.tokenizer.decode(self.tokens[r, :t + 1].tolist()) for x in stop):
             self.done[s], self.length[r] = True, t + 1
 
-# %% ../../nbs/36_generate.ipynb #bcd641e3
+# %% ../../nbs/36_generate.ipynb #881c8aa3
 @patch
 def compact(self: Decoding, tok: torch.Tensor) -> torch.Tensor:
     "Move the live rows to a step of the next power of two (graphs) or of their number; returns their tokens."
@@ -384,8 +399,8 @@ def compact(self: Decoding, tok: torch.Tensor) -> torch.Tensor:
     if self.seen is not None: self.seen = self.pad(self.seen[keep], False)
     return self.pad(tok[keep], 0)
 
-# %% ../../nbs/36_generate.ipynb #b3843646
-@torch.inference_mode()
+# %% ../../nbs/36_generate.ipynb #c72f4d17
+@torch.no_grad()   # not inference_mode: the MoE dispatch reads tensor versions, which inference tensors lack
 def _decode(gen: TextGenerator, prompts: list[list[int]], n: int, params: SamplingParams, max_new_tokens: int,
             stop_ids: list[int], stop: list[str], seed: int | None, images, sync_every: int):
     "Prefill, then decode; yields (tokens so far, steps) at each look at the host, then the rows' results."
@@ -397,21 +412,21 @@ def _decode(gen: TextGenerator, prompts: list[list[int]], n: int, params: Sampli
     g, stops = None if seed is None else torch.Generator(gen.device).manual_seed(seed), torch.tensor(stop_ids or [-1], device=gen.device)
     logits = d.logits
     for t in range(max_new_tokens):
-        tok = d.record(t, *sample_tokens(logits, params, d.seen, g), stops)
+        tok = d.record(t, *sample_tokens(logits, params, d.seen, g, gen.vocab), stops)
         if t == max_new_tokens - 1: break
         if (t + 1) % sync_every == 0:
             if stop: d.stop_strings(t, stop)
             yield d.tokens, t + 1
             live = int((~d.done).sum())
             if live == 0: break
-            if live <= d.slots // 2: tok = d.compact(tok)              # finished rows stop costing compute
+            if gen.compact and live <= d.slots // 2: tok = d.compact(tok)   # finished rows stop costing compute
         d.step.tok.copy_(tok)
         logits = d.step()
     yield d.tokens, max_new_tokens
     R = d.R
     yield d.tokens[:R].tolist(), d.length[:R].tolist(), d.eos[:R].tolist(), d.lp[:R].tolist(), d.lpm[:R].tolist()
 
-# %% ../../nbs/36_generate.ipynb #3dc6e4ac
+# %% ../../nbs/36_generate.ipynb #6837c77e
 @patch
 def _output(self: TextGenerator, ids: list[int], length: int, eos: bool, lp, lpm, stop: list[str]) -> GenerationOutput:
     "One row's `GenerationOutput`: cut at its stop token or at the first stop string (exactly), text split from thinking."
@@ -443,7 +458,7 @@ def _requests(self: TextGenerator, prompt, thinking, images, stop, stop_token_id
     ids = [] if ignore_eos else (self.tokenizer.stop_ids if self.tokenizer is not None else [self.config.eos_token_id])
     return single, [self.encode(p, thinking) for p in prompts], images, stop, list(dict.fromkeys(ids + list(stop_token_ids or [])))
 
-# %% ../../nbs/36_generate.ipynb #6016beb2
+# %% ../../nbs/36_generate.ipynb #9d39a316
 @patch
 def generate(self: TextGenerator, prompt, max_new_tokens: int = 256, *, n: int = 1, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,

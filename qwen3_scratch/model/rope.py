@@ -68,7 +68,13 @@ class RotaryEmbedding(nn.Module):
 
     def reset_parameters(self):
         inv_freq, self.attention_scaling = rope_frequencies(self.config, device=self.inv_freq.device)
-        with torch.no_grad(): self.inv_freq.copy_(inv_freq)
+        self.inv_freq = inv_freq.float()
+
+    def _apply(self, fn, recurse=True):
+        "`model.to(torch.bfloat16)` casts every floating buffer: these frequencies are recomputed in float32 instead."
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32 and self.inv_freq.device.type != "meta": self.reset_parameters()
+        return self
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype = torch.float32):
         "cos, sin of shape `(B, T, head_dim)` for `position_ids` `(B, T)`, or `(3, B, T)` (t, h, w) with MRoPE."
