@@ -158,8 +158,8 @@ def test_vision_language_greedy_equals_transformers(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bf16, the Triton kernels, CUDA graphs)")
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_gpu_bf16_greedy_and_cuda_graphs(name, tmp_path):
-    "On a GPU in bf16 with our kernels: greedy tokens equal transformers' (the first 16 at least; bf16 rounding may part"
-    " them later), and the recorded CUDA-graph step gives the eager step's tokens exactly, for several batch sizes."
+    "On a GPU in bf16 with our kernels: greedy tokens equal transformers' (the first 4 free-running, and >= 90% of them"
+    " when transformers reads our own prefix), and the CUDA-graph step gives the eager step's tokens exactly."
     torch.manual_seed(0)
     model = _peaked(Qwen3Model(CONFIGS[name].replace(kernels="auto")))
     path = save_hf(model, tmp_path / "hf")
@@ -172,7 +172,11 @@ def test_gpu_bf16_greedy_and_cuda_graphs(name, tmp_path):
         want = hf.generate(input_ids=torch.tensor([p], device="cuda"), max_new_tokens=NEW, min_new_tokens=NEW,
                            do_sample=False, pad_token_id=0)[0, len(p):].tolist()
         got = graphed.generate(p, NEW, ignore_eos=True, return_details=True).token_ids
-        assert got[:16] == want[:16], (got, want)
+        assert got[:4] == want[:4], (got, want)     # free-running greedy parts once bf16 rounding flips a near-tie
+        with torch.no_grad():                       # (an MoE router's top-k most of all): teacher-forced, every token
+            seq = torch.tensor([p + got], device="cuda")
+            pred = hf(seq[:, :-1]).logits[0, len(p) - 1:].argmax(-1).tolist()
+        assert sum(a == b for a, b in zip(pred, got)) >= 0.9 * NEW, (pred, got)
     for rows in (1, 4, 8, 32):                      # powers of two: the eager step then has the graph's shapes
         ps = (prompts * 12)[:rows]
         a = [o.token_ids for o in graphed.generate(ps, NEW, ignore_eos=True, return_details=True)]
