@@ -7,7 +7,7 @@ __all__ = ['SamplingParams', 'repetition_penalty', 'top_k_filter', 'top_p_filter
            'sample_tokens', 'StaticKVCache', 'DecodeStep', 'GenerationOutput', 'split_thinking', 'soft_switch',
            'TextGenerator', 'Decoding']
 
-# %% ../../nbs/36_generate.ipynb #ddfc4a41
+# %% ../../nbs/36_generate.ipynb #b4375d71
 import re, warnings
 from dataclasses import dataclass
 from typing import Iterator
@@ -22,7 +22,7 @@ from ..model.attention import KVCache
 from ..model.multimodal import Qwen3VLModel
 from ..model.transformer import Qwen3Model
 
-# %% ../../nbs/36_generate.ipynb #d0233d5d
+# %% ../../nbs/36_generate.ipynb #748a8070
 @dataclass(frozen=True)
 class SamplingParams:
     "How the next token is drawn; `temperature=0` is greedy. Every field applies to all rows of a call."
@@ -42,7 +42,7 @@ class SamplingParams:
     @property
     def greedy(self) -> bool: return self.temperature == 0
 
-# %% ../../nbs/36_generate.ipynb #1c47ef5b
+# %% ../../nbs/36_generate.ipynb #2f13110b
 def repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     "CTRL's penalty on the tokens `seen` `(B, V)` bool: positive logits divided by `penalty`, negative ones multiplied."
     if penalty == 1.0: return logits
@@ -68,7 +68,7 @@ def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     probs = logits.softmax(-1)
     return logits.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), float("-inf"))
 
-# %% ../../nbs/36_generate.ipynb #3911c6d9
+# %% ../../nbs/36_generate.ipynb #0daaaeec
 def sampling_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None,
                     vocab: int | None = None) -> torch.Tensor:
     "The float32 logits `(B, V)` of the distribution a token is drawn from: penalty, temperature, top-k, top-p, min-p."
@@ -89,7 +89,7 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams, seen=None, gener
     model_lp = pick(logits.float())
     return tok, model_lp if x is logits or (params.greedy and seen is None and vocab is None) else pick(x), model_lp
 
-# %% ../../nbs/36_generate.ipynb #bed807b0
+# %% ../../nbs/36_generate.ipynb #6a3e0fb2
 class StaticKVCache(KVCache):
     "A `KVCache` whose decoding writes land at `index`, a device tensor: a step whose shapes never change, for CUDA graphs."
     def __init__(self, *args, **kwargs):
@@ -107,7 +107,7 @@ class StaticKVCache(KVCache):
     def advance(self, n: int):
         if not self.static: super().advance(n)
 
-# %% ../../nbs/36_generate.ipynb #166ed0ad
+# %% ../../nbs/36_generate.ipynb #476edfb6
 class DecodeStep:
     "One decoding step over a `StaticKVCache` as a function of fixed buffers: eager, or recorded once and replayed."
     def __init__(self, lm: Qwen3Model, cache: StaticKVCache, mrope: bool):
@@ -132,7 +132,7 @@ class DecodeStep:
         c.index += 1
         return lm.head_and_loss(lm.norm(x))[0][:, -1].float()                            # (B, V)
 
-# %% ../../nbs/36_generate.ipynb #28ca5d91
+# %% ../../nbs/36_generate.ipynb #6dc98b10
 def _record(self: DecodeStep, warmup: int = 2):
     "Record `compute` as a CUDA graph (after warm-up runs on a side stream, which leave the cache index as it was)."
     start = self.cache.index.clone()
@@ -151,7 +151,7 @@ def _call(self: DecodeStep) -> torch.Tensor:
     return self.logits
 DecodeStep.record, DecodeStep.__call__ = _record, _call
 
-# %% ../../nbs/36_generate.ipynb #12abefce
+# %% ../../nbs/36_generate.ipynb #e08c6fa6
 @dataclass
 class GenerationOutput:
     "One completion: the answer, its thinking, its tokens and their log-probabilities, and why it ended."
@@ -179,7 +179,7 @@ def soft_switch(messages: list[dict]) -> bool | None:
         if found: return found[-1] == "think"
     return None
 
-# %% ../../nbs/36_generate.ipynb #40ca6a0c
+# %% ../../nbs/36_generate.ipynb #968b42ea
 def _is_single(prompt) -> bool:
     "A prompt (text, token ids, chat messages) rather than a list of them."
     if isinstance(prompt, str): return True
@@ -189,14 +189,14 @@ def _is_single(prompt) -> bool:
         return isinstance(prompt[0], (int, dict))
     raise ConfigError(f"a prompt of type {type(prompt).__name__}: pass text, token ids, chat messages, or a list of them")
 
-# %% ../../nbs/36_generate.ipynb #10daa914
+# %% ../../nbs/36_generate.ipynb #e0ec389c
 def _next_pow2(n: int) -> int: return 1 << max(0, n - 1).bit_length()
 
 class TextGenerator:
     "Generate from a `Qwen3Model` or `Qwen3VLModel` (dense or MoE): prompts as text, token ids or chat messages."
     def __init__(self, model: nn.Module, tokenizer=None, cuda_graphs: bool | None = None, sync_every: int = 8,
                  compact: bool = True):
-        self.model, self.tokenizer = model.eval(), tokenizer
+        self.model, self.tokenizer = model, tokenizer   # each call runs it in eval mode and restores its mode
         self.lm = model.language_model if isinstance(model, Qwen3VLModel) else model
         p = next(model.parameters())
         self.device, self.dtype, self.config = p.device, p.dtype, self.lm.config
@@ -216,7 +216,7 @@ class TextGenerator:
         self._steps.clear()
         if self.device.type == "cuda": torch.cuda.empty_cache()
 
-# %% ../../nbs/36_generate.ipynb #a8b0f1ea
+# %% ../../nbs/36_generate.ipynb #ad98c21e
 @patch
 def encode(self: TextGenerator, prompt, thinking: bool | None = None) -> list[int]:
     "Token ids of one prompt: text as is (or as a user turn when `thinking` is set), ids as given, messages templated."
@@ -234,7 +234,7 @@ def encode(self: TextGenerator, prompt, thinking: bool | None = None) -> list[in
     return self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True,
                                               enable_thinking=True if enable is None else enable)
 
-# %% ../../nbs/36_generate.ipynb #8212fa74
+# %% ../../nbs/36_generate.ipynb #cb039ee4
 def _free_bytes(device: torch.device) -> int | None:
     "Memory a new allocation can still take on `device` (None: unknown)."
     if device.type == "cuda":
@@ -263,7 +263,7 @@ def check_fits(self: TextGenerator, rows: int, seq_len: int, prompt_len: int, ma
                           f"and logits, and {free / 2**30:.1f} GiB are free: at most {fit} fit; lower n, the number of "
                           "prompts or max_new_tokens, or generate in several calls")
 
-# %% ../../nbs/36_generate.ipynb #74808b00
+# %% ../../nbs/36_generate.ipynb #034eeb3f
 @patch
 def prefill(self: TextGenerator, prompts: list[list[int]], images=None):
     "Run the left-padded prompts once: (last-position logits `(B, V)`, the prompt cache, RoPE deltas `(B,)`, padding mask `(B, P)`)."
@@ -285,7 +285,7 @@ def prefill(self: TextGenerator, prompts: list[list[int]], images=None):
         deltas = am.sum(-1) - P                                     # position of cache slot i: i + delta
     return out.logits[:, -1].float(), cache, deltas, am.bool()
 
-# %% ../../nbs/36_generate.ipynb #a8331966
+# %% ../../nbs/36_generate.ipynb #a89571de
 @patch
 def prepare_images(self: TextGenerator, prompts: list[list[int]], images) -> tuple:
     "(prompts with each `<|image_pad|>` expanded to its image's tokens, (pixel_values, image_grid_thw) or None)."
@@ -306,7 +306,7 @@ def prepare_images(self: TextGenerator, prompts: list[list[int]], images) -> tup
         out.append(ids.tolist()); pix.append(px); grids.append(grid)
     return out, (torch.cat(pix).to(self.device, self.dtype), torch.cat(grids).to(self.device))
 
-# %% ../../nbs/36_generate.ipynb #0e056ee4
+# %% ../../nbs/36_generate.ipynb #faf8bb90
 @patch
 def decode_step(self: TextGenerator, rows: int, seq_len: int) -> DecodeStep:
     "A `DecodeStep` for `rows` sequences of up to `seq_len` tokens: with CUDA graphs one recorded per (rows, seq_len), reused."
@@ -328,7 +328,7 @@ def _static_cache(gen: TextGenerator, rows: int, seq_len: int) -> StaticKVCache:
     cache.static = True
     return cache
 
-# %% ../../nbs/36_generate.ipynb #7fd7f459
+# %% ../../nbs/36_generate.ipynb #1376aed4
 class Decoding:
     "One generate call's rows between steps: the decode step in use, which row each slot holds, what they produced."
     def __init__(self, gen: TextGenerator, prompts: list[list[int]], n: int, max_new_tokens: int, feats=None):
@@ -351,7 +351,7 @@ class Decoding:
         self.eos = torch.zeros(R + 1, dtype=torch.bool, device=dev)
         self.seen = None
 
-# %% ../../nbs/36_generate.ipynb #6027834e
+# %% ../../nbs/36_generate.ipynb #86aeeaf0
 @patch
 def pad(self: Decoding, x: torch.Tensor, value) -> torch.Tensor:
     "`x` `(rows, ...)` extended to the slots with `value`."
@@ -367,7 +367,7 @@ def load(self: Decoding, step: DecodeStep, cache: StaticKVCache, rows, length: i
     step.valid[:a, :valid.shape[1]], step.valid[:a, valid.shape[1]:], step.valid[a:] = valid, True, True
     return step
 
-# %% ../../nbs/36_generate.ipynb #6a53e36a
+# %% ../../nbs/36_generate.ipynb #765a3a01
 @patch
 def record(self: Decoding, t: int, tok, logprob, model_logprob, stop_ids: torch.Tensor) -> torch.Tensor:
     "Write step `t`'s tokens to their rows; rows that drew a stop token finish. Returns the tokens to feed back."
@@ -387,7 +387,7 @@ def stop_strings(self: Decoding, t: int, stop: list[str]):
         if r < self.R and not self.done[s] and any(x in self.gen.tokenizer.decode(self.tokens[r, :t + 1].tolist()) for x in stop):
             self.done[s], self.length[r] = True, t + 1
 
-# %% ../../nbs/36_generate.ipynb #881c8aa3
+# %% ../../nbs/36_generate.ipynb #2b2f6c20
 @patch
 def compact(self: Decoding, tok: torch.Tensor) -> torch.Tensor:
     "Move the live rows to a step of the next power of two (graphs) or of their number; returns their tokens."
@@ -399,12 +399,18 @@ def compact(self: Decoding, tok: torch.Tensor) -> torch.Tensor:
     if self.seen is not None: self.seen = self.pad(self.seen[keep], False)
     return self.pad(tok[keep], 0)
 
-# %% ../../nbs/36_generate.ipynb #c72f4d17
+# %% ../../nbs/36_generate.ipynb #40d13f9e
 @torch.no_grad()   # not inference_mode: the MoE dispatch reads tensor versions, which inference tensors lack
 def _decode(gen: TextGenerator, prompts: list[list[int]], n: int, params: SamplingParams, max_new_tokens: int,
             stop_ids: list[int], stop: list[str], seed: int | None, images, sync_every: int):
     "Prefill, then decode; yields (tokens so far, steps) at each look at the host, then the rows' results."
     prompts, feats = gen.prepare_images(prompts, images)
+    training = gen.model.training                 # a policy between training steps (RL): back to train mode after
+    gen.model.eval()
+    try: yield from _decode_rows(gen, prompts, n, params, max_new_tokens, stop_ids, stop, seed, feats, sync_every)
+    finally: gen.model.train(training)
+
+def _decode_rows(gen, prompts, n, params, max_new_tokens, stop_ids, stop, seed, feats, sync_every):
     d = Decoding(gen, prompts, n, max_new_tokens, feats)
     if params.repetition_penalty != 1.0:
         d.seen = torch.zeros(d.slots, d.logits.shape[-1], dtype=torch.bool, device=gen.device)
@@ -426,7 +432,7 @@ def _decode(gen: TextGenerator, prompts: list[list[int]], n: int, params: Sampli
     R = d.R
     yield d.tokens[:R].tolist(), d.length[:R].tolist(), d.eos[:R].tolist(), d.lp[:R].tolist(), d.lpm[:R].tolist()
 
-# %% ../../nbs/36_generate.ipynb #6837c77e
+# %% ../../nbs/36_generate.ipynb #768a01a3
 @patch
 def _output(self: TextGenerator, ids: list[int], length: int, eos: bool, lp, lpm, stop: list[str]) -> GenerationOutput:
     "One row's `GenerationOutput`: cut at its stop token or at the first stop string (exactly), text split from thinking."
@@ -458,7 +464,7 @@ def _requests(self: TextGenerator, prompt, thinking, images, stop, stop_token_id
     ids = [] if ignore_eos else (self.tokenizer.stop_ids if self.tokenizer is not None else [self.config.eos_token_id])
     return single, [self.encode(p, thinking) for p in prompts], images, stop, list(dict.fromkeys(ids + list(stop_token_ids or [])))
 
-# %% ../../nbs/36_generate.ipynb #9d39a316
+# %% ../../nbs/36_generate.ipynb #bdce8d1b
 @patch
 def generate(self: TextGenerator, prompt, max_new_tokens: int = 256, *, n: int = 1, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
